@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: builds ./.venv (idempotent), then runs the demo or the test suite.
+#   bash scripts/dev.sh demo [verl-tor demo flags...]   # the main job: ToR on a built-in tiny model, on CPU
+#   bash scripts/dev.sh test [pytest args...]           # the test suite (what .ci/run runs)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${VERL_TOR_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+
+ensure_venv() {
+  # Re-install only when the package definition or the pins change (stamp = hash of both).
+  local stamp="$VENV/.verl_tor_stamp" want
+  want="$(cat setup.cfg pyproject.toml constraints/cpu.txt | sha256sum | cut -d' ' -f1)"
+  if [[ -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    return
+  fi
+  echo "[dev.sh] installing into $VENV (first run takes ~2 min)" >&2
+  [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints/cpu.txt -e ".[test,viz]"
+  echo "$want" > "$stamp"
+}
+
+ensure_browser() {
+  # The token-map test renders the page in a real headless browser (Debian's chromium).
+  command -v chromium >/dev/null 2>&1 && return
+  if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "[dev.sh] installing chromium (Debian package)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "[dev.sh] WARNING: could not install chromium; browser tests will fail" >&2
+  fi
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  demo)
+    ensure_venv
+    exec "$VENV/bin/verl-tor" demo "$@"
+    ;;
+  test)
+    ensure_venv
+    ensure_browser
+    set +e
+    "$VENV/bin/python" -m pytest "$@"
+    rc=$?
+    set -e
+    # pytest exits 5 when it collected no test: that is a broken suite, not a pass.
+    if [[ $rc -eq 5 ]]; then
+      echo "[dev.sh] pytest collected no tests: failing" >&2
+      exit 1
+    fi
+    exit $rc
+    ;;
+  *)
+    echo "usage: bash scripts/dev.sh {demo|test} [args...]" >&2
+    exit 2
+    ;;
+esac
