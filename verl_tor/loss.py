@@ -67,7 +67,13 @@ def _multiply_like(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_nested:
         if not torch.equal(a.offsets(), b.offsets()):
             raise ValueError("tor_weights and rollout_is_weights have different per-row lengths")
-        return torch.nested.nested_tensor_from_jagged(a.values() * b.values().to(a.dtype), a.offsets())
+        lengths = a.offsets().diff()
+        return torch.nested.nested_tensor_from_jagged(
+            a.values() * b.values().to(a.dtype),
+            a.offsets(),
+            min_seqlen=int(lengths.min()) if len(lengths) else 0,
+            max_seqlen=int(lengths.max()) if len(lengths) else 0,  # else to_padded_tensor pads to the total length
+        )
     return a * b.to(a.dtype)
 
 
