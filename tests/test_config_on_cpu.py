@@ -102,3 +102,21 @@ def test_recipe_yaml_tor_block_equals_dataclass_defaults():
     yaml = OmegaConf.load(ROOT / "recipes" / "config" / "tor_trainer.yaml")
     assert OmegaConf.to_container(yaml.tor) == ToRConfig().to_dict()
     assert yaml.trainer.v1.trainer_mode == "tor_sync"
+
+
+def test_readme_tables_are_generated_from_the_code():
+    from verl_tor.cli import render_readme
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert render_readme(text) == text, "README tables are stale: run `verl-tor docs --write README.md`"
+    for name in ToRConfig.field_docs():
+        assert f"`tor.{name}`" in text
+
+
+def test_every_metric_is_in_the_readme():
+    from verl_tor import metrics
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(metrics.ALL_METRICS) >= 14
+    for key in metrics.ALL_METRICS:
+        assert key.startswith(("tor/", "timing_s/tor_")) and f"`{key}`" in text, key

@@ -1,0 +1,233 @@
+"""The tor_sync trainer through verl's real PPOTrainer code, with TransferQueue replaced by an in-memory double.
+
+- With ``tor.enable=false`` it is bit-identical to ``trainer_mode=sync`` (advantages and metrics of verl's own
+  ``_compute_advantage``).
+- It presents itself as a sync trainer to verl's async-switching logic (the replay-buffer trap).
+- With ToR on, ``_compute_advantage`` runs verl's GRPO advantage and then the stage, whose weights land in the
+  stored advantages (``apply=advantage``) or in ``tor_weights`` (``apply=loss``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from verl_tor.config import ToRConfig
+from verl_tor.testing import InMemoryKV, KVMeta
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = [
+    "algorithm.adv_estimator=grpo",
+    "actor_rollout_ref.rollout.n=4",
+    "data.train_batch_size=2",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=1",
+    "trainer.n_gpus_per_node=1",
+]
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "recipes" / "config"), version_base=None):
+        return hydra_compose("tor_trainer", overrides=[*BASE, *overrides])
+
+
+def make_trainer(*overrides: str):
+    import verl  # noqa: F401  - loads the plugin
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    cfg = compose(*overrides)
+    return get_trainer_cls(cfg.trainer.v1.trainer_mode)(cfg)
+
+
+def fill_store(store: InMemoryKV, seed: int = 0, n_prompts: int = 2, n: int = 4) -> KVMeta:
+    """A GRPO batch as verl's old-log-prob pass leaves it: uid, response_mask, rm_scores, old_log_probs, entropy."""
+    g = torch.Generator().manual_seed(seed)
+    keys, rows = [], []
+    for p in range(n_prompts):
+        for s in range(n):
+            length = int(torch.randint(3, 9, (1,), generator=g))
+            scores = torch.zeros(length)
+            scores[-1] = float(torch.randint(0, 2, (1,), generator=g))  # outcome reward on the last token
+            keys.append(f"p{p}_{s}_0")
+            rows.append(
+                {
+                    "uid": f"p{p}",
+                    "response_mask": torch.ones(length, dtype=torch.int64),
+                    "rm_scores": scores,
+                    "old_log_probs": -torch.rand(length, generator=g) * 3,
+                    "entropy": torch.rand(length, generator=g) * 2,
+                }
+            )
+    from verl_tor.stage import rows_to_tensordict
+
+    store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
+    return KVMeta(keys=keys, partition_id="train")
+
+
+@pytest.fixture
+def kv(monkeypatch):
+    import verl.trainer.ppo.v1.trainer_base as trainer_base
+
+    store = InMemoryKV()
+    monkeypatch.setattr(trainer_base, "tq", store)
+    return store
+
+
+def padded(store: InMemoryKV, meta: KVMeta, name: str) -> torch.Tensor:
+    return torch.nested.to_padded_tensor(store.kv_batch_get(meta.keys, "train", [name])[name], 0.0)
+
+
+def test_tor_sync_presents_itself_as_sync():
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+    trainer = make_trainer("tor.enable=false")
+    assert trainer.trainer_mode == "sync"
+    assert trainer._configured_trainer_mode == "tor_sync"
+    assert type(trainer.replay_buffer) is ReplayBuffer  # not ReplayBufferAsync
+
+
+def test_tor_disabled_is_bit_identical_to_stock_sync(kv):
+    results = []
+    for overrides in (["trainer.v1.trainer_mode=sync"], ["tor.enable=false"]):
+        store = InMemoryKV()
+        import verl.trainer.ppo.v1.trainer_base as trainer_base
+
+        trainer_base.tq = store
+        trainer = make_trainer(*overrides)
+        meta = fill_store(store, seed=3)
+        metrics: dict = {}
+        trainer._compute_advantage(meta, metrics)
+        results.append((type(trainer).__name__, padded(store, meta, "advantages"), metrics))
+    (name_a, adv_a, m_a), (name_b, adv_b, m_b) = results
+    assert (name_a, name_b) == ("PPOTrainerSync", "ToRTrainerSync")
+    assert torch.equal(adv_a, adv_b) and m_a == m_b
+    assert adv_a.abs().sum() > 0  # a real GRPO advantage, not an all-zero batch
+
+
+class FixedScorer:
+    """A worker-group double that writes known image-free log-probs (full-sequence layout) into the store."""
+
+    def __init__(self, store: InMemoryKV, noimg_response_log_probs: dict[str, torch.Tensor]):
+        self.store, self.values, self.metas = store, noimg_response_log_probs, []
+
+    def __call__(self, meta):
+        self.metas.append(meta)
+        rows = []
+        for key in meta.keys:
+            resp = self.values[key.split("@")[0]]
+            prompt_len = int(self.store.data[meta.partition_id][key]["prompts"].numel())
+            # verl's convention: position s holds log p(token s+1); the response starts after the prompt
+            full = torch.cat([torch.zeros(prompt_len - 1), resp, torch.zeros(1)])
+            rows.append({"log_probs": full})
+        from verl_tor.stage import rows_to_tensordict
+
+        return self.store.kv_batch_put(meta.keys, meta.partition_id, fields=rows_to_tensordict(rows))
+
+
+def add_sequences(store: InMemoryKV, meta: KVMeta) -> None:
+    """Prompt/response token fields the image-free pass reads (content irrelevant for the FixedScorer)."""
+    from verl_tor.stage import rows_to_tensordict
+
+    rows = []
+    for key in meta.keys:
+        n = int(store.data["train"][key]["response_mask"].numel())
+        prompt = torch.arange(5)
+        response = torch.arange(n) + 10
+        ids = torch.cat([prompt, response])
+        rows.append(
+            {
+                "prompts": prompt,
+                "responses": response,
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "position_ids": torch.arange(len(ids)).repeat(4, 1),
+                "multi_modal_inputs": {},
+            }
+        )
+    store.kv_batch_put(meta.keys, "train", fields=rows_to_tensordict(rows))
+
+
+@pytest.mark.parametrize("apply", ["advantage", "loss"])
+def test_tor_enabled_stage_runs_after_verl_advantage(kv, apply):
+    from verl_tor.ops import compute_tor_weights
+    from verl_tor.stage import ToRStage
+
+    stock = make_trainer("trainer.v1.trainer_mode=sync")
+    meta = fill_store(kv, seed=5)
+    stock._compute_advantage(meta, {})
+    stock_adv = padded(kv, meta, "advantages")
+
+    trainer = make_trainer("tor.enable=true", f"tor.apply={apply}")
+    kv.data.clear()
+    meta = fill_store(kv, seed=5)
+    add_sequences(kv, meta)
+    g = torch.Generator().manual_seed(11)
+    noimg = {k: -torch.rand(int(kv.data["train"][k]["response_mask"].numel()), generator=g) * 3 for k in meta.keys}
+    scorer = FixedScorer(kv, noimg)
+    trainer.tor_stage = ToRStage(
+        config=trainer.tor_config,
+        score=scorer,
+        make_meta=KVMeta,
+        build_view=lambda row: dict(row),  # every row "has an image"; the view content is the scorer's business
+        store=kv,
+        temperature=1.0,
+    )
+    trainer.timing_raw = {}
+    trainer.global_steps = 7
+    metrics: dict = {}
+    trainer._compute_advantage(meta, metrics)
+
+    # the independent computation: the same inputs straight into the op
+    mask = padded(kv, meta, "response_mask")
+    old = padded(kv, meta, "old_log_probs")
+    entropy = padded(kv, meta, "entropy")
+    width = mask.shape[1]
+    noimg_padded = torch.stack([torch.nn.functional.pad(noimg[k], (0, width - len(noimg[k]))) for k in meta.keys])
+    sensitivity = (old - noimg_padded).abs() * mask
+    index = np.array([k.split("_")[0] for k in meta.keys], dtype=object)
+    want_w, want_metrics = compute_tor_weights(entropy, sensitivity, mask, ToRConfig(enable=True), index=index, step=7)
+    if apply == "advantage":
+        torch.testing.assert_close(padded(kv, meta, "advantages"), stock_adv * want_w)
+    else:
+        torch.testing.assert_close(padded(kv, meta, "advantages"), stock_adv)
+        torch.testing.assert_close(padded(kv, meta, "tor_weights"), want_w)
+    for key, value in want_metrics.items():
+        assert metrics[key] == pytest.approx(value), key
+    assert metrics["tor/no_image_frac"] == 0.0
+    assert {"tor_noimg", "tor_select"} <= set(trainer.timing_raw)
+    # the scorer saw only the image-free partition, and the partition is gone afterwards
+    assert [m.partition_id for m in scorer.metas] == ["tor_noimg"]
+    assert scorer.metas[0].extra_info["calculate_entropy"] is False
+    assert "tor_noimg" not in kv.data
+    assert ((want_w > 0).sum() > 0) and ((want_w == 0) & (mask > 0)).any()
+
+
+def test_build_stage_wires_the_actor_scorer_and_transfer_queue():
+    import transfer_queue
+
+    from verl_tor.trainer import build_stage
+
+    class WG:
+        def compute_log_prob(self, meta):
+            raise AssertionError("not called here")
+
+    trainer = make_trainer("tor.enable=true", "tor.mode=reasoning_only")
+    trainer.actor_rollout_wg = WG()
+    trainer.processor = None  # reasoning_only needs no image-free pass, hence no processor
+    stage = build_stage(trainer)
+    assert stage.store is transfer_queue
+    assert stage.score.__func__ is WG.compute_log_prob
+    trainer = make_trainer("tor.enable=true")
+    trainer.actor_rollout_wg, trainer.processor = WG(), None
+    from verl_tor.config import ToRConfigError
+
+    with pytest.raises(ToRConfigError, match="no multimodal processor"):
+        build_stage(trainer)

@@ -1,0 +1,139 @@
+"""``verl-tor``: the command line (``demo``, ``docs``).
+
+``verl-tor demo`` runs ToR on CPU with no downloads and prints what it selected; ``verl-tor docs`` prints the
+README's config and metrics tables, generated from ``ToRConfig``'s field docstrings and ``verl_tor.metrics``
+(the README is checked against it by a test, so the docs cannot drift from the code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import sys
+import time
+from typing import Any
+
+from verl_tor.config import CHOICES, ToRConfig, ToRConfigError
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["reasoning_ratio=0.2", "tor.scope=group"]`` -> ``{"reasoning_ratio": 0.2, "scope": "group"}``."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ToRConfigError(f"override {pair!r} is not key=value. Fix: write e.g. tor.reasoning_ratio=0.2")
+        key, value = pair.split("=", 1)
+        key = key.removeprefix("+").removeprefix("tor.")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def config_table() -> str:
+    """Markdown table of every ``tor.*`` field: name, default, allowed values, meaning (from the docstrings)."""
+    defaults = ToRConfig().to_dict()
+    lines = ["| field | default | values | meaning |", "| --- | --- | --- | --- |"]
+    for name, doc in ToRConfig.field_docs().items():
+        values = " \\| ".join(CHOICES[name]) if name in CHOICES else ""
+        default = str(defaults[name]).lower() if isinstance(defaults[name], bool) else defaults[name]
+        escaped = doc.replace("|", "\\|")
+        lines.append(f"| `tor.{name}` | `{default}` | {values} | {escaped} |")
+    return "\n".join(lines)
+
+
+def metrics_table() -> str:
+    """Markdown table of every metric key verl_tor logs, from the docstrings in ``verl_tor.metrics``."""
+    from verl_tor import metrics
+
+    tree = ast.parse(inspect.getsource(metrics))
+    lines = ["| metric | meaning |", "| --- | --- |"]
+    body = tree.body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.Assign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            name = node.targets[0].id  # type: ignore[attr-defined]
+            doc = " ".join(str(nxt.value.value).split()).replace("|", "\\|")
+            lines.append(f"| `{getattr(metrics, name)}` | {doc} |")
+    return "\n".join(lines)
+
+
+def render_readme(text: str) -> str:
+    """``text`` with the blocks between the ``BEGIN/END CONFIG TABLE`` and ``... METRICS TABLE`` markers regenerated."""
+    import re
+
+    for marker, table in (("CONFIG TABLE", config_table()), ("METRICS TABLE", metrics_table())):
+        pattern = re.compile(rf"(<!-- BEGIN {marker} -->\n).*?(\n<!-- END {marker} -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"README has no <!-- BEGIN {marker} --> ... <!-- END {marker} --> block")
+        text = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), text)
+    return text
+
+
+def run_synthetic(args: argparse.Namespace, cfg: ToRConfig) -> int:
+    """The ops on a synthetic rollout batch: a quick look at the selection, no model."""
+    import torch
+
+    from verl_tor.ops import compute_tor_weights, compute_visual_sensitivity
+
+    g = torch.Generator().manual_seed(args.seed)
+    batch, width = args.prompts * args.n, args.response_length
+    lengths = torch.randint(width // 4, width + 1, (batch,), generator=g)
+    mask = (torch.arange(width)[None] < lengths[:, None]).float()
+    # Entropy: mostly confident tokens with a heavy tail of forks; log-probs follow (high entropy -> lower log p).
+    entropy = torch.distributions.Exponential(2.0).sample((batch, width)) * mask
+    old_log_prob = -(entropy * torch.rand(batch, width, generator=g)) * mask
+    noimg_log_prob = old_log_prob - torch.distributions.Exponential(4.0).sample((batch, width)) * (
+        torch.rand(batch, width, generator=g) < 0.3
+    )
+    sensitivity = compute_visual_sensitivity(old_log_prob, noimg_log_prob, method=cfg.sensitivity, response_mask=mask)
+    index = [f"prompt{i // args.n}" for i in range(batch)]
+    t0 = time.perf_counter()
+    weights, metrics = compute_tor_weights(entropy, sensitivity, mask, cfg, index=index, step=0)
+    seconds = time.perf_counter() - t0
+    print(f"verl-tor demo (synthetic): {batch} responses x <= {width} tokens, {int(mask.sum())} valid tokens")
+    print(f"config: {cfg}")
+    width_key = max(len(k) for k in metrics)
+    for key in sorted(metrics):
+        print(f"  {key:<{width_key}}  {metrics[key]:.4f}")
+    values, counts = torch.unique(weights[mask.bool()], return_counts=True)
+    print("  weight histogram: " + ", ".join(f"{v:.2f}: {c}" for v, c in zip(values.tolist(), counts.tolist())))
+    print(f"  selection + weights took {seconds * 1e3:.1f} ms")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="verl-tor", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run ToR on CPU and print what it selected")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--prompts", type=int, default=8, help="prompts in the rollout batch")
+    demo.add_argument("--n", type=int, default=4, help="responses per prompt (GRPO group size)")
+    demo.add_argument("--response-length", type=int, default=64)
+    demo.add_argument("--synthetic", action="store_true", help="ops only, on synthetic scores (no model)")
+    demo.add_argument("overrides", nargs="*", help="tor.* overrides, e.g. tor.scope=group tor.perception_weight=1")
+    docs = sub.add_parser("docs", help="print the README's config and metrics tables")
+    docs.add_argument("--write", metavar="README", help="regenerate the tables inside this file instead")
+    args = parser.parse_args(argv)
+
+    if args.command == "docs":
+        if args.write:
+            with open(args.write, encoding="utf-8") as f:
+                text = f.read()
+            with open(args.write, "w", encoding="utf-8") as f:
+                f.write(render_readme(text))
+            return 0
+        print(config_table())
+        print()
+        print(metrics_table())
+        return 0
+    try:
+        cfg = ToRConfig.from_mapping({"enable": True, **parse_overrides(args.overrides)})
+    except ToRConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_synthetic(args, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

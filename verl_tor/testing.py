@@ -1,0 +1,144 @@
+"""In-process doubles of verl's distributed seams, for CPU tests and the CPU demo.
+
+- ``InMemoryKV``: TransferQueue's ``kv_batch_get / kv_batch_put / kv_clear`` over a dict, returning the same
+  layout verl's V1 trainer reads (tensors jagged along their first dimension, python objects as
+  ``NonTensorStack``), so verl's own ``_compute_advantage`` and the ToR stage run on it unchanged.
+- ``LocalLogProbScorer``: a worker group's ``compute_log_prob(meta)``: reads the meta's rows from the store, runs a
+  real Hugging Face forward of the model in this process (no grad) and writes ``log_probs`` (and ``entropy``) back
+  per sequence position, in verl's convention (position s holds the quantity of token s+1).
+
+Neither is a mock of ToR's own logic: they replace Ray and TransferQueue only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tensordict import TensorDict
+
+from verl_tor.ops import compute_entropy_from_logits
+from verl_tor.stage import rows_to_tensordict, tensordict_to_rows
+
+__all__ = ["InMemoryKV", "KVMeta", "LocalLogProbScorer", "compute_sequence_log_probs"]
+
+
+@dataclass
+class KVMeta:
+    """Stand-in for ``transfer_queue.KVBatchMeta`` with the attributes verl and the stage read."""
+
+    keys: list[str]
+    tags: list[dict] = field(default_factory=list)
+    partition_id: str | None = None
+    fields: list[str] | None = None
+    extra_info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.tags:
+            self.tags = [{} for _ in self.keys]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class InMemoryKV:
+    """A TransferQueue double: ``partition -> key -> field -> value``."""
+
+    def __init__(self):
+        self.data: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
+        part = self.data.setdefault(partition_id, {})
+        rows = tensordict_to_rows(fields) if fields is not None else [{} for _ in keys]
+        if len(rows) != len(keys):
+            raise ValueError(f"{len(rows)} rows for {len(keys)} keys")
+        for key, row in zip(keys, rows):
+            part.setdefault(key, {}).update(row)
+        return KVMeta(keys=list(keys), tags=list(tags or [{} for _ in keys]), partition_id=partition_id)
+
+    def kv_batch_get(self, keys, partition_id, select_fields=None) -> TensorDict:
+        if isinstance(keys, str):
+            keys = [keys]
+        part = self.data[partition_id]
+        missing = [k for k in keys if k not in part]
+        if missing:
+            raise ValueError(f"keys not found in partition {partition_id!r}: {missing[:3]}")
+        names = list(part[keys[0]].keys()) if select_fields is None else list(select_fields)
+        # TransferQueue skips fields no sample has (verl asks for optional ones such as "values").
+        names = [n for n in names if n in part[keys[0]]]
+        if not names:
+            return TensorDict({}, batch_size=len(keys))
+        return rows_to_tensordict([{n: part[k][n] for n in names} for k in keys])
+
+    def kv_clear(self, keys, partition_id) -> None:
+        part = self.data.get(partition_id, {})
+        for key in [keys] if isinstance(keys, str) else keys:
+            part.pop(key, None)
+        if not part:
+            self.data.pop(partition_id, None)
+
+
+def compute_sequence_log_probs(
+    model: torch.nn.Module, row: dict, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-position log-prob of the next token of one trajectory, as verl's engine returns it.
+
+    Args:
+        row: ``input_ids`` (L,), ``position_ids`` (4, L) [text; t; h; w] or (L,), ``multi_modal_inputs`` dict.
+    Returns:
+        log_probs: (L,) float32; entry s = log π(input_ids[s+1] | input_ids[:s+1]) (last entry: the roll's
+            wrap-around, ignored by verl's response slicing). entropy: (L,) or None.
+    """
+    input_ids = row["input_ids"].long().unsqueeze(0)  # (1, L)
+    position_ids = row["position_ids"]
+    if position_ids.dim() == 2:
+        position_ids = position_ids.unsqueeze(1)  # (4, 1, L), as verl's non-packed path feeds Qwen2.5-VL
+    else:
+        position_ids = position_ids.unsqueeze(0)
+    mm = {k: v for k, v in (row.get("multi_modal_inputs") or {}).items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, position_ids=position_ids, **mm).logits[0].float()  # (L, V)
+    logits = logits / temperature
+    labels = torch.roll(input_ids[0], shifts=-1)  # verl: input_ids_rmpad_rolled
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    entropy = compute_entropy_from_logits(logits) if with_entropy else None
+    return log_probs, entropy
+
+
+@dataclass
+class LocalLogProbScorer:
+    """``actor_rollout_wg.compute_log_prob`` in-process: the meta's rows -> model forward -> store."""
+
+    store: InMemoryKV
+    forward: Callable[[dict, float, bool], tuple[torch.Tensor, torch.Tensor | None]]
+    calls: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def for_model(cls, store: InMemoryKV, model: torch.nn.Module) -> LocalLogProbScorer:
+        model.eval()
+        return cls(store=store, forward=lambda row, t, e: compute_sequence_log_probs(model, row, t, e))
+
+    def compute_log_prob(self, meta: Any) -> KVMeta:
+        info = dict(meta.extra_info or {})
+        self.calls.append({"n": len(meta.keys), "partition_id": meta.partition_id, **info})
+        rows = tensordict_to_rows(self.store.kv_batch_get(meta.keys, meta.partition_id))
+        temperature = float(info.get("temperature", 1.0))
+        want_entropy = bool(info.get("calculate_entropy", False))
+        out: dict[str, list] = {"log_probs": []}
+        if want_entropy:
+            out["entropy"] = []
+        for row in rows:
+            log_probs, entropy = self.forward(row, temperature, want_entropy)
+            out["log_probs"].append(log_probs)
+            if want_entropy:
+                out["entropy"].append(entropy)
+        td = TensorDict(
+            {k: torch.nested.as_nested_tensor(v, layout=torch.jagged) for k, v in out.items()},
+            batch_size=len(rows),
+        )
+        return self.store.kv_batch_put(meta.keys, meta.partition_id, fields=td, tags=meta.tags)
+
+    __call__ = compute_log_prob
+
