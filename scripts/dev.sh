@@ -23,13 +23,18 @@ ensure_venv() {
   echo "$want" > "$stamp"
 }
 
-ensure_browser() {
-  # The token-map test renders the page in a real headless browser (Debian's chromium).
-  command -v chromium >/dev/null 2>&1 && return
+ensure_system_tools() {
+  # Tests drive real tools: headless Chromium renders the token map, shellcheck lints the recipes.
+  local missing=()
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+  [[ ${#missing[@]} -eq 0 ]] && return
   if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
-    echo "[dev.sh] installing chromium (Debian package)" >&2
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-      || echo "[dev.sh] WARNING: could not install chromium; browser tests will fail" >&2
+    echo "[dev.sh] installing ${missing[*]} (Debian packages)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || echo "[dev.sh] WARNING: could not install ${missing[*]}; the tests that need them will fail" >&2
+  else
+    echo "[dev.sh] WARNING: ${missing[*]} missing and not root; the tests that need them will fail" >&2
   fi
 }
 
@@ -42,7 +47,7 @@ case "$cmd" in
     ;;
   test)
     ensure_venv
-    ensure_browser
+    ensure_system_tools
     set +e
     "$VENV/bin/python" -m pytest "$@"
     rc=$?

@@ -136,7 +136,10 @@ def test_one_flag_on_stock_ppo_trainer_validates():
     [
         (["tor.enable=true", "tor.reasoning_ratio=2"], r"tor\.reasoning_ratio=2.0 is invalid.*\[0, 1\]"),
         (["tor.enable=true", "tor.scope=sequenc"], r"tor\.scope='sequenc'.*did you mean 'sequence'"),
-        (["tor.enable=true", "trainer.v1.trainer_mode=sync"], r"trainer_mode='sync'.*Fix: set trainer\.v1\.trainer_mode=tor_sync"),
+        (
+            ["tor.enable=true", "trainer.v1.trainer_mode=sync"],
+            r"trainer_mode='sync'.*Fix: set trainer\.v1\.trainer_mode=tor_sync",
+        ),
         (
             ["tor.enable=true", "actor_rollout_ref.actor.policy_loss.loss_mode=clip_cov"],
             r"loss_mode='clip_cov'.*Fix: set tor\.apply=loss",

@@ -4,7 +4,7 @@ Only this module and ``verl_tor.plugin`` touch verl internals. What it relies on
 ``tests/test_trainer_on_cpu.py`` against the installed source):
 
 - ``verl.trainer.ppo.v1.trainer_base``: ``PPOTrainer.__init__`` (sets ``self.trainer_mode``), ``_compute_old_log_prob``
-  (calls ``actor_rollout_wg.compute_log_prob`` with ``calculate_entropy=True`` and stores ``old_log_probs``/``entropy``),
+  (calls ``actor_rollout_wg.compute_log_prob`` with ``calculate_entropy=True``, stores ``old_log_probs``, ``entropy``),
   ``_compute_advantage`` (stores ``advantages``), ``register_trainer``;
 - ``verl.trainer.ppo.v1.trainer_sync.PPOTrainerSync``;
 - ``transfer_queue``'s ``kv_batch_get / kv_batch_put / kv_clear`` and ``KVBatchMeta``;
