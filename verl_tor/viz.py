@@ -1,0 +1,275 @@
+"""Token maps: which response tokens ToR picked, as a self-contained HTML page (no CDN, no JavaScript needed).
+
+Each response token is a ``<span class="tok {reasoning|perception|both|none}">`` with a hover title giving its
+entropy, |Δ log p| and weight; the header shows the prompt image (inline PNG) and the thresholds; two inline-SVG
+histograms show the distribution of entropy and |Δ log p| over the batch with the selection cut marked (the paper's
+Figure 5 view). Used by ``verl-tor demo``, ``verl-tor inspect`` and, every ``tor.log_token_maps`` steps, by the
+training stage (``TrainingTokenMapWriter``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["TokenMapRollout", "classify_tokens", "render_token_map", "render_histogram_svg", "TrainingTokenMapWriter"]
+
+CLASSES = ("both", "reasoning", "perception", "none")
+COLORS = {"both": "#b15cff", "reasoning": "#ff8c42", "perception": "#3fa7f5", "none": "transparent"}
+
+
+@dataclass
+class TokenMapRollout:
+    """One response to render. Per-token lists have the response's length (valid tokens only)."""
+
+    tokens: list[str]
+    entropy: list[float]
+    sensitivity: list[float]
+    weight: list[float]
+    reasoning: list[bool]
+    perception: list[bool]
+    prompt: str = ""
+    image_png: bytes | None = None
+    title: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def classify_tokens(reasoning: Sequence[bool], perception: Sequence[bool]) -> list[str]:
+    """Per token: ``both`` (T_r ∩ T_p), ``reasoning`` (T_r only), ``perception`` (T_p only) or ``none``."""
+    out = []
+    for r, p in zip(reasoning, perception):
+        out.append("both" if r and p else "reasoning" if r else "perception" if p else "none")
+    return out
+
+
+def render_histogram_svg(
+    values: Sequence[float], threshold: float | None, title: str, bins: int = 40, width: int = 360, height: int = 140
+) -> str:
+    """An inline SVG histogram of ``values`` with a red line at ``threshold`` (log-scaled counts)."""
+    vals = torch.as_tensor(list(values), dtype=torch.float64)
+    if vals.numel() == 0:
+        return f'<svg class="hist" width="{width}" height="{height}"><text x="8" y="20">{html.escape(title)}: no data</text></svg>'
+    lo, hi = float(vals.min()), float(vals.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    counts = torch.histc(vals, bins=bins, min=lo, max=hi)
+    scaled = torch.log1p(counts) / max(float(torch.log1p(counts.max())), 1e-9)
+    pad, plot_h = 24, height - 40
+    bar_w = (width - 2 * pad) / bins
+    bars = []
+    for i, s in enumerate(scaled.tolist()):
+        h = s * plot_h
+        bars.append(
+            f'<rect x="{pad + i * bar_w:.1f}" y="{20 + plot_h - h:.1f}" width="{max(bar_w - 1, 1):.1f}" '
+            f'height="{h:.1f}" fill="#7a8ca3"><title>{int(counts[i])}</title></rect>'
+        )
+    cut = ""
+    if threshold is not None and lo <= threshold <= hi:
+        x = pad + (threshold - lo) / (hi - lo) * (width - 2 * pad)
+        cut = (
+            f'<line x1="{x:.1f}" y1="16" x2="{x:.1f}" y2="{20 + plot_h}" stroke="#d62728" stroke-width="2"/>'
+            f'<text x="{x + 3:.1f}" y="14" font-size="10" fill="#d62728">cut {threshold:.3g}</text>'
+        )
+    return (
+        f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
+        f'<text x="{pad}" y="{height - 4}" font-size="11">{html.escape(title)} '
+        f"(min {lo:.3g}, max {hi:.3g}; log counts)</text>{''.join(bars)}{cut}</svg>"
+    )
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fff}
+h1{font-size:20px} h2{font-size:16px;margin-top:28px}
+.legend span{display:inline-block;padding:2px 8px;margin-right:8px;border-radius:3px}
+.rollout{border:1px solid #ddd;border-radius:6px;padding:12px;margin:12px 0}
+.rollout img{max-width:220px;border:1px solid #ccc;float:right;margin-left:12px}
+.prompt{color:#555;white-space:pre-wrap;font-size:13px}
+.response{font-family:ui-monospace,monospace;font-size:14px;line-height:1.9;white-space:pre-wrap;clear:both}
+.tok{border-radius:2px;padding:1px 0}
+.tok.reasoning{background:#ffd2b0} .tok.perception{background:#bfe3ff} .tok.both{background:#e3c2ff}
+.tok.none{color:#777}
+table.summary td,table.summary th{padding:2px 10px;text-align:left;font-size:13px}
+.hists svg{margin-right:16px;border:1px solid #eee}
+"""
+
+
+def render_token_map(
+    rollouts: Sequence[TokenMapRollout],
+    thresholds: dict[str, float] | None = None,
+    summary: dict[str, float] | None = None,
+    title: str = "ToR token map",
+    all_entropy: Sequence[float] | None = None,
+    all_sensitivity: Sequence[float] | None = None,
+) -> str:
+    """A complete, self-contained HTML page for ``rollouts`` (one ``span.tok`` per response token)."""
+    thresholds = thresholds or {}
+    ent = list(all_entropy) if all_entropy is not None else [e for r in rollouts for e in r.entropy]
+    sen = list(all_sensitivity) if all_sensitivity is not None else [s for r in rollouts for s in r.sensitivity]
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<div class='legend'>"
+        + "".join(f"<span class='tok {c}'>{c}</span>" for c in ("reasoning", "perception", "both", "none"))
+        + "</div>",
+    ]
+    if thresholds or summary:
+        rows = {**{f"threshold: {k}": v for k, v in thresholds.items()}, **(summary or {})}
+        parts.append("<table class='summary'>")
+        parts += [f"<tr><th>{html.escape(k)}</th><td>{v:.4g}</td></tr>" for k, v in rows.items()]
+        parts.append("</table>")
+    parts.append("<div class='hists'>")
+    parts.append(render_histogram_svg(ent, thresholds.get("entropy"), "entropy (nats)"))
+    parts.append(render_histogram_svg(sen, thresholds.get("sensitivity"), "|Δ log p| (visual sensitivity)"))
+    parts.append("</div>")
+    for i, r in enumerate(rollouts):
+        classes = classify_tokens(r.reasoning, r.perception)
+        parts.append(f"<div class='rollout' data-index='{i}'>")
+        parts.append(f"<h2>{html.escape(r.title or f'rollout {i}')}</h2>")
+        if r.image_png:
+            b64 = base64.b64encode(r.image_png).decode("ascii")
+            parts.append(f"<img alt='prompt image' src='data:image/png;base64,{b64}'>")
+        if r.prompt:
+            parts.append(f"<div class='prompt'>{html.escape(r.prompt)}</div>")
+        spans = []
+        for tok, cls, e, s, w in zip(r.tokens, classes, r.entropy, r.sensitivity, r.weight):
+            tip = f"entropy {e:.3f} | |Δlog p| {s:.3f} | weight {w:.2f}"
+            spans.append(
+                f"<span class='tok {cls}' data-entropy='{e:.4f}' data-sensitivity='{s:.4f}' "
+                f"data-weight='{w:.2f}' title='{html.escape(tip, quote=True)}'>{html.escape(tok)}</span>"
+            )
+        parts.append(f"<div class='response'>{''.join(spans)}</div></div>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def image_to_png_bytes(image: Any) -> bytes | None:
+    """A PIL image (or None) -> PNG bytes, for the page header."""
+    if image is None:
+        return None
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_rollouts(
+    tokenizer: Any,
+    response_ids: Sequence[torch.Tensor],
+    entropy: torch.Tensor,
+    sensitivity: torch.Tensor | None,
+    weights: torch.Tensor,
+    reasoning: torch.Tensor,
+    perception: torch.Tensor,
+    prompts: Sequence[str] | None = None,
+    images: Sequence[Any] | None = None,
+    limit: int | None = None,
+) -> list[TokenMapRollout]:
+    """Padded (B, T) per-token tensors + token ids -> ``TokenMapRollout``s (first ``limit`` rows)."""
+    out = []
+    rows = range(len(response_ids) if limit is None else min(limit, len(response_ids)))
+    for i in rows:
+        ids = response_ids[i].tolist()
+        n = len(ids)
+        out.append(
+            TokenMapRollout(
+                tokens=[tokenizer.decode([t]) for t in ids],
+                entropy=entropy[i, :n].tolist(),
+                sensitivity=(sensitivity[i, :n] if sensitivity is not None else torch.zeros(n)).tolist(),
+                weight=weights[i, :n].tolist(),
+                reasoning=reasoning[i, :n].bool().tolist(),
+                perception=perception[i, :n].bool().tolist(),
+                prompt=prompts[i] if prompts else "",
+                image_png=image_to_png_bytes(images[i]) if images else None,
+                title=f"rollout {i}",
+            )
+        )
+    return out
+
+
+class TrainingTokenMapWriter:
+    """Writes a token map every ``tor.log_token_maps`` steps into ``<default_local_dir>/tor_token_maps/``.
+
+    Called by the ToR stage with the step's tensors; decodes a few rollouts with the trainer's tokenizer. When
+    wandb is a logger, the page is also logged as a ``wandb.Html`` under ``tor/token_map``.
+    """
+
+    def __init__(self, every: int, n_rollouts: int, out_dir: str, tokenizer: Any, read_responses, use_wandb: bool):
+        self.every, self.n_rollouts, self.out_dir = every, n_rollouts, out_dir
+        self.tokenizer, self.read_responses, self.use_wandb = tokenizer, read_responses, use_wandb
+        self.written: list[str] = []
+
+    @classmethod
+    def from_trainer(cls, trainer: Any) -> TrainingTokenMapWriter:
+        import transfer_queue as tq
+
+        cfg = trainer.config
+        loggers = cfg.trainer.get("logger", [])
+        loggers = [loggers] if isinstance(loggers, str) else list(loggers or [])
+        out_dir = os.path.join(cfg.trainer.get("default_local_dir", "."), "tor_token_maps")
+
+        def read_responses(keys: list[str], partition_id: str = "train") -> list[torch.Tensor]:
+            data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["responses"])
+            return list(data["responses"].unbind(0))
+
+        return cls(
+            every=trainer.tor_config.log_token_maps,
+            n_rollouts=trainer.tor_config.log_token_maps_rollouts,
+            out_dir=out_dir,
+            tokenizer=trainer.tokenizer,
+            read_responses=read_responses,
+            use_wandb="wandb" in loggers,
+        )
+
+    def __call__(self, step: int, keys: list[str], tensors: dict[str, torch.Tensor | None], **_: Any) -> str | None:
+        if self.every <= 0 or step % self.every != 0:
+            return None
+        chosen = keys[: self.n_rollouts]
+        responses = self.read_responses(chosen)
+        w = tensors["weights"]
+        reasoning = tensors.get("reasoning")
+        perception = tensors.get("perception")
+        if reasoning is None:
+            reasoning = torch.zeros_like(w, dtype=torch.bool)
+        if perception is None:
+            perception = torch.zeros_like(w, dtype=torch.bool)
+        rollouts = build_rollouts(
+            self.tokenizer, responses, tensors["entropy"], tensors.get("sensitivity"), w, reasoning, perception
+        )
+        for r, key in zip(rollouts, chosen):
+            r.title = key
+        mask = tensors["response_mask"].bool()
+        sens = tensors.get("sensitivity")
+        page = render_token_map(
+            rollouts,
+            thresholds={k: float(v) for k, v in (tensors.get("thresholds") or {}).items()},
+            title=f"ToR token map, step {step}",
+            all_entropy=tensors["entropy"][mask].tolist(),
+            all_sensitivity=sens[mask].tolist() if sens is not None else [],
+        )
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, f"step_{step:06d}.html")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(page)
+        self.written.append(path)
+        if self.use_wandb:
+            try:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.log({"tor/token_map": wandb.Html(page)}, step=step)
+            except ImportError:
+                pass
+        return path
+
+
+def dump_summary(metrics: dict[str, float], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
