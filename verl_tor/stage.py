@@ -27,7 +27,7 @@ from tensordict import NonTensorStack, TensorDict
 from verl_tor import metrics as M
 from verl_tor.config import ToRConfig
 from verl_tor.loss import TOR_WEIGHTS_KEY
-from verl_tor.ops import compute_tor_weights, compute_visual_sensitivity
+from verl_tor.ops import compute_visual_sensitivity, select_tor_tokens
 
 logger = logging.getLogger("verl_tor")
 
@@ -120,10 +120,8 @@ class ToRStage:
             _add_timing(timing_raw, "tor_noimg", time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        weights, tor_metrics = compute_tor_weights(
-            entropy, sensitivity, response_mask.to(torch.float32), cfg, index=index, step=step
-        )
-        weights = weights * response_mask  # (B, T); belt and braces: padding never carries weight
+        selection = select_tor_tokens(entropy, sensitivity, response_mask, cfg, index=index, step=step)
+        weights, tor_metrics = selection.weights * response_mask, dict(selection.metrics)  # (B, T)
         tor_metrics[M.NO_IMAGE_FRAC] = float((~has_image).float().mean().item()) if len(keys) else 0.0
 
         lengths = response_mask.sum(dim=1)
@@ -146,7 +144,13 @@ class ToRStage:
                     "entropy": entropy,
                     "sensitivity": sensitivity,
                     "weights": weights,
+                    "reasoning": selection.reasoning,
+                    "perception": selection.perception,
                     "response_mask": response_mask,
+                    "thresholds": {
+                        "entropy": tor_metrics.get(M.ENTROPY_THRESHOLD, 0.0),
+                        "sensitivity": tor_metrics.get(M.SENSITIVITY_THRESHOLD, 0.0),
+                    },
                 },
             )
         return batch

@@ -22,7 +22,7 @@ from tensordict import TensorDict
 from verl_tor.ops import compute_entropy_from_logits
 from verl_tor.stage import rows_to_tensordict, tensordict_to_rows
 
-__all__ = ["InMemoryKV", "KVMeta", "LocalLogProbScorer", "compute_sequence_log_probs"]
+__all__ = ["InMemoryKV", "KVMeta", "LocalLogProbScorer", "build_verl_row", "compute_sequence_log_probs"]
 
 
 @dataclass
@@ -142,3 +142,42 @@ class LocalLogProbScorer:
 
     __call__ = compute_log_prob
 
+
+def build_verl_row(processor: Any, prompt_ids: torch.Tensor, response_ids: torch.Tensor, images: list | None) -> dict:
+    """One trajectory exactly as verl 0.9.1's agent loop stores it in TransferQueue, built by verl's own code.
+
+    Calls ``AgentLoopWorker._compute_multi_modal_inputs`` / ``_compute_position_ids`` (the methods verl's
+    ``AgentLoopWorkerTQ._agent_loop_postprocess`` uses) on a stand-in worker holding only the processor.
+
+    Args:
+        processor: a Qwen2/2.5-VL processor loaded through ``verl.utils.hf_processor`` (``get_rope_index`` bound).
+        prompt_ids: (Lp,) prompt token ids, vision placeholders already expanded (as vLLM sees them).
+        response_ids: (Lr,) sampled response token ids.
+        images: the PIL images of the prompt (None for a text-only prompt).
+    Returns:
+        dict with ``prompts``, ``responses``, ``input_ids``, ``attention_mask``, ``position_ids`` (4, L),
+        ``multi_modal_inputs``, ``response_mask``.
+    """
+    import types
+
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+
+    worker = types.SimpleNamespace(processor=processor, tokenizer=processor.tokenizer, mm_processor_kwargs=None)
+    worker._get_mm_processor_kwargs = types.MethodType(AgentLoopWorker._get_mm_processor_kwargs, worker)
+    output = types.SimpleNamespace(multi_modal_data={"images": images} if images else {}, mm_processor_kwargs=None)
+    prompts, responses = prompt_ids.long(), response_ids.long()
+    input_ids = torch.cat([prompts, responses])
+    attention_mask = torch.ones_like(input_ids)
+    multi_modal_inputs = AgentLoopWorker._compute_multi_modal_inputs(worker, output, input_ids.unsqueeze(0))
+    position_ids = AgentLoopWorker._compute_position_ids(
+        worker, input_ids.unsqueeze(0), attention_mask.unsqueeze(0), multi_modal_inputs
+    ).squeeze(0)
+    return {
+        "prompts": prompts,
+        "responses": responses,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "multi_modal_inputs": multi_modal_inputs,
+        "response_mask": torch.ones_like(responses),
+    }
