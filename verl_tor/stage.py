@@ -289,3 +289,20 @@ def rows_to_tensordict(rows: list[dict]) -> TensorDict:
 
 def _add_timing(timing_raw: dict, name: str, seconds: float) -> None:
     timing_raw[name] = timing_raw.get(name, 0.0) + seconds
+
+
+def make_view_builder(config: ToRConfig, processor: Any) -> Callable[[dict], dict | None]:
+    """``row -> image-free row | None`` for ``config.image_view``, bound to the run's processor."""
+    from verl_tor.ops import make_generator
+    from verl_tor.views import VisionTokenIds, build_image_free_view
+
+    token_ids = VisionTokenIds.from_processor(processor)
+    generator = make_generator(config.seed, 0, "noise")
+
+    def build_view(row: dict) -> dict | None:
+        view = build_image_free_view(row, config.image_view, token_ids, processor, config.noise_std, generator)
+        if view is None:
+            return None
+        return {key: view[key] for key in row}  # the same fields as the with-image rows, in the same order
+
+    return build_view

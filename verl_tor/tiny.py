@@ -99,8 +99,7 @@ def build_tiny_processor(save_dir: str | None = None, vocab_size: int = 512) -> 
     Images are resized to at most 112×112 pixels (``max_pixels``): a 112×112 image is 8×8 patches of 14 px,
     i.e. 16 image tokens after the 2×2 merge (Qwen2.5-VL-7B: max_pixels 12,845,056).
     """
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
-    from transformers import Qwen2VLVideoProcessor
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=os.path.join(_tokenizer_files(vocab_size), "tokenizer.json"),

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny real Qwen2.5-VL (processor + random model) saved and loaded like a hub checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from verl_tor.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_qwen2_5_vl")), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_checkpoint):
+    from verl.utils import hf_processor
+
+    processor = hf_processor(tiny_checkpoint)  # verl's loader: binds get_rope_index like in a real run
+    assert processor is not None and hasattr(processor, "get_rope_index")
+    return processor
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def geometry_images():
+    from verl_tor.tiny import render_geometry_image
+
+    return [render_geometry_image(seed)[0] for seed in range(3)]
