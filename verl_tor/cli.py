@@ -107,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run ToR on CPU and print what it selected")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--prompts", type=int, default=8, help="prompts in the rollout batch")
+    demo.add_argument("--prompts", type=int, default=4, help="prompts in the rollout batch")
     demo.add_argument("--n", type=int, default=4, help="responses per prompt (GRPO group size)")
-    demo.add_argument("--response-length", type=int, default=64)
+    demo.add_argument("--response-length", type=int, default=24, help="max new tokens per response")
+    demo.add_argument("--out-dir", default="tor_demo_out", help="where the token map and metrics.json go")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--synthetic", action="store_true", help="ops only, on synthetic scores (no model)")
     demo.add_argument("overrides", nargs="*", help="tor.* overrides, e.g. tor.scope=group tor.perception_weight=1")
     docs = sub.add_parser("docs", help="print the README's config and metrics tables")
@@ -132,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     except ToRConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_synthetic(args, cfg)
+    if args.synthetic:
+        return run_synthetic(args, cfg)
+    from verl_tor.demo import main as run_demo
+
+    return run_demo(args, cfg)
 
 
 if __name__ == "__main__":

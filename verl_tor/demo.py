@@ -32,7 +32,8 @@ from verl_tor.config import ToRConfig
 @dataclass
 class DemoResult:
     metrics: dict[str, float]
-    losses: dict[str, float]
+    losses: dict[str, tuple[float, float]]
+    """name -> (loss, gradient norm) of one ppo_loss backward."""
     html_path: str
     seconds: dict[str, float] = field(default_factory=dict)
     n_tokens: int = 0
@@ -73,7 +74,7 @@ def run_demo(
     for _ in _progress(range(1), "build tiny Qwen2.5-VL", enabled=progress):
         tiny.save_tiny_checkpoint(ckpt, seed=seed)
         processor = hf_processor(ckpt)
-        model = AutoModelForImageTextToText.from_pretrained(ckpt, torch_dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32)
         model.eval()
     if processor is None or not hasattr(processor, "get_rope_index"):
         raise RuntimeError(f"verl could not load a Qwen2.5-VL processor from {ckpt}")
@@ -84,6 +85,10 @@ def run_demo(
     problems = [tiny.make_geometry_problem(seed + i) for i in range(n_prompts)]
     rows, keys, uids, images = [], [], [], []
     gen = torch.Generator().manual_seed(seed)
+    # a random model happily emits <|image_pad|> etc.; a real rollout would not, and verl's row code refuses it
+    from verl_tor.views import VisionTokenIds
+
+    banned = [[t] for t in VisionTokenIds.from_processor(processor).all]
     for i, prob in enumerate(_progress(problems, "sample responses", enabled=progress)):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prob["question"]}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -96,6 +101,7 @@ def run_demo(
                 temperature=1.0,
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=n,
+                bad_words_ids=banned,
                 pad_token_id=processor.tokenizer.pad_token_id,
             )
         prompt_ids = enc["input_ids"][0]
@@ -216,10 +222,10 @@ def _weighted(store, keys) -> torch.Tensor:
 def _loss_step(model, rows, store, keys, advantages: torch.Tensor, mask: torch.Tensor) -> float:
     """Current-policy log-probs with grad -> verl's ppo_loss (vanilla, token-mean) -> backward; returns the loss."""
     from verl.utils import tensordict_utils as tu
-    from verl.workers.config import FSDPActorConfig
     from verl.workers.utils.losses import ppo_loss
 
     from verl_tor.stage import rows_to_tensordict
+    from verl_tor.testing import build_actor_config
 
     model.train()
     model.zero_grad(set_to_none=True)
@@ -239,11 +245,12 @@ def _loss_step(model, rows, store, keys, advantages: torch.Tensor, mask: torch.T
     data["response_mask"] = got["response_mask"]
     data["advantages"] = _nest(advantages, mask)
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
-    config = FSDPActorConfig(ppo_micro_batch_size_per_gpu=1, strategy="fsdp")
+    config = build_actor_config("actor_rollout_ref.actor.loss_agg_mode=token-mean")
     loss, _ = ppo_loss(config, {"log_probs": log_probs}, data)
     loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
     model.eval()
-    return float(loss.detach())
+    return float(loss.detach()), float(grad_norm)
 
 
 def main(args: argparse.Namespace, cfg: ToRConfig) -> int:
@@ -264,8 +271,8 @@ def main(args: argparse.Namespace, cfg: ToRConfig) -> int:
     print(f"{'metric':<{width}}  value")
     for key in sorted(result.metrics):
         print(f"{key:<{width}}  {result.metrics[key]:.4f}")
-    for name, value in result.losses.items():
-        print(f"{'loss: ' + name:<{width}}  {value:.6f}")
+    for name, (loss, grad_norm) in result.losses.items():
+        print(f"{'loss: ' + name:<{width}}  {loss:.6f}  (grad norm {grad_norm:.4f})")
     print(f"token map: {result.html_path}")
     print(f"total {total:.1f} s")
     return 0

@@ -22,7 +22,14 @@ from tensordict import TensorDict
 from verl_tor.ops import compute_entropy_from_logits
 from verl_tor.stage import rows_to_tensordict, tensordict_to_rows
 
-__all__ = ["InMemoryKV", "KVMeta", "LocalLogProbScorer", "build_verl_row", "compute_sequence_log_probs"]
+__all__ = [
+    "InMemoryKV",
+    "KVMeta",
+    "LocalLogProbScorer",
+    "build_actor_config",
+    "build_verl_row",
+    "compute_sequence_log_probs",
+]
 
 
 @dataclass
@@ -181,3 +188,17 @@ def build_verl_row(processor: Any, prompt_ids: torch.Tensor, response_ids: torch
         "multi_modal_inputs": multi_modal_inputs,
         "response_mask": torch.ones_like(responses),
     }
+
+
+def build_actor_config(*overrides: str) -> Any:
+    """verl's ``ActorConfig`` dataclass as a run builds it: hydra-composed ``ppo_trainer`` + ``overrides``."""
+    from pathlib import Path
+
+    import verl
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+
+    config_dir = str(Path(verl.__file__).parent / "trainer" / "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose("ppo_trainer", overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1", *overrides])
+    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)

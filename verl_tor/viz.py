@@ -56,7 +56,8 @@ def render_histogram_svg(
     """An inline SVG histogram of ``values`` with a red line at ``threshold`` (log-scaled counts)."""
     vals = torch.as_tensor(list(values), dtype=torch.float64)
     if vals.numel() == 0:
-        return f'<svg class="hist" width="{width}" height="{height}"><text x="8" y="20">{html.escape(title)}: no data</text></svg>'
+        label = f'<text x="8" y="20">{html.escape(title)}: no data</text>'
+        return f'<svg class="hist" width="{width}" height="{height}">{label}</svg>'
     lo, hi = float(vals.min()), float(vals.max())
     if hi <= lo:
         hi = lo + 1.0
