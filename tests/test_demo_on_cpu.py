@@ -1,0 +1,143 @@
+"""`verl-tor demo` end to end (small), its token map in a real headless browser, and the training-time writer."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+from verl_tor.config import ToRConfig
+
+
+class TokenSpans(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.spans: list[dict] = []
+        self.images = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "span" and "tok" in (attrs.get("class") or "").split() and "data-weight" in attrs:
+            self.spans.append(attrs)
+        if tag == "img":
+            self.images += 1
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from verl_tor.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    cfg = ToRConfig(enable=True, log_token_maps_rollouts=2)
+    return run_demo(cfg, out_dir=str(out), n_prompts=2, n=2, max_new_tokens=8, seed=0, progress=False), cfg
+
+
+def classes_from_html(path: str) -> TokenSpans:
+    parser = TokenSpans()
+    parser.feed(Path(path).read_text(encoding="utf-8"))
+    return parser
+
+
+def test_demo_runs_and_reports(demo):
+    result, cfg = demo
+    m = result.metrics
+    assert m["tor/reasoning_frac"] == pytest.approx(m["tor/perception_frac"], abs=0.05)
+    assert 0.29 <= m["tor/reasoning_frac"] <= 0.4  # ceil(0.3 N) of the valid tokens
+    assert m["tor/sensitivity_mean/selected"] > m["tor/sensitivity_mean/rest"]
+    assert m["tor/entropy_mean/selected"] > m["tor/entropy_mean/rest"]
+    assert set(result.losses) == {"stock GRPO", "ToR-GRPO (tor)"}
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in result.losses.values())
+    assert Path(result.html_path).with_name("metrics.json").exists()
+
+
+def test_token_map_has_one_span_per_token_with_consistent_classes(demo):
+    result, cfg = demo
+    page = classes_from_html(result.html_path)
+    assert page.images == 4  # 2 prompts x 2 responses rendered, each with its image
+    assert len(page.spans) > 0
+    for span in page.spans:
+        cls, w = span["class"].split()[1], float(span["data-weight"])
+        if cls in ("reasoning", "both"):
+            assert w == cfg.reasoning_weight
+        elif cls == "perception":
+            assert w == cfg.perception_weight
+        else:
+            assert cls == "none" and w == 0.0
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_token_map_renders_in_headless_chromium(demo, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is required (scripts/dev.sh installs Debian's chromium)"
+    result, _ = demo
+    url = Path(result.html_path).resolve().as_uri()
+    base = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    rendered = TokenSpans()
+    rendered.feed(dom)
+    expected = classes_from_html(result.html_path)
+    assert len(rendered.spans) == len(expected.spans) > 0
+    assert [s["class"] for s in rendered.spans] == [s["class"] for s in expected.spans]
+    shot = tmp_path / "map.png"
+    subprocess.run([*base, "--window-size=1000,900", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    from PIL import Image
+
+    image = Image.open(shot).convert("RGB")
+    colors = image.getcolors(maxcolors=1 << 20)
+    assert image.size == (1000, 900) and colors is not None and len(colors) > 50, "blank screenshot"
+
+
+def test_training_writer_fires_at_the_configured_interval(tmp_path):
+    from verl_tor.viz import TrainingTokenMapWriter
+
+    class Tok:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    responses = [torch.arange(5), torch.arange(3)]
+    writer = TrainingTokenMapWriter(
+        every=2,
+        n_rollouts=2,
+        out_dir=str(tmp_path),
+        tokenizer=Tok(),
+        read_responses=lambda keys: responses,
+        use_wandb=False,
+    )
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    tensors = {
+        "entropy": torch.rand(2, 5),
+        "sensitivity": torch.rand(2, 5),
+        "weights": torch.tensor([[1, 0.5, 0, 0, 1], [0, 1, 0, 0, 0.0]]),
+        "reasoning": torch.tensor([[1, 0, 0, 0, 1], [0, 1, 0, 0, 0]], dtype=torch.bool),
+        "perception": torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool),
+        "response_mask": mask,
+        "thresholds": {"entropy": 0.5, "sensitivity": 0.2},
+    }
+    written = [writer(step=s, keys=["a", "b"], tensors=tensors) for s in range(1, 6)]
+    assert [w is not None for w in written] == [False, True, False, True, False]
+    page = classes_from_html(written[1])
+    assert [s["class"].split()[1] for s in page.spans] == [
+        "both",
+        "perception",
+        "none",
+        "none",
+        "reasoning",
+        "none",
+        "reasoning",
+        "none",
+    ]
