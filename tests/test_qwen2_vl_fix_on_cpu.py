@@ -76,7 +76,10 @@ def test_with_the_fix_both_branches_run_and_keep_the_vision_tower_in_the_graph()
 
 
 def test_plugin_applies_the_fix_on_import():
-    code = "import verl, verl.models.transformers.qwen2_vl as q; print(getattr(q._get_input_embeds, '__verl_tor__', False))"
+    code = (
+        "import verl, verl.models.transformers.qwen2_vl as q\n"
+        "print(getattr(q._get_input_embeds, '__verl_tor__', False))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.stdout.strip().endswith("True"), proc.stderr[-2000:]
 
