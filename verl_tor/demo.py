@@ -45,6 +45,141 @@ def _progress(iterable, desc: str, total: int | None = None, enabled: bool = Tru
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=True, dynamic_ncols=True)
 
 
+def sample_responses(model, processor, items: list[dict], n: int, max_new_tokens: int, seed: int, progress: bool):
+    """``n`` sampled responses (token-id tensors) per item ({``image`` or ``images``, ``question``/``messages``})."""
+    from verl_tor.views import VisionTokenIds
+
+    gen = torch.Generator().manual_seed(seed)
+    # a random model happily emits <|image_pad|> etc.; a real rollout would not, and verl's row code refuses it
+    banned = [[t] for t in VisionTokenIds.from_processor(processor).all]
+    out_all = []
+    device = next(model.parameters()).device
+    for item in _progress(items, "sample responses", enabled=progress):
+        enc = encode_prompt(processor, item)
+        with torch.no_grad():
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            out = model.generate(
+                **{k: v.to(device) for k, v in enc.items()},
+                do_sample=True,
+                temperature=1.0,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=n,
+                bad_words_ids=banned,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            ).cpu()
+        start = enc["input_ids"].shape[1]
+        responses = []
+        for j in range(n):
+            response = out[j, start:]
+            keep = response != processor.tokenizer.pad_token_id
+            responses.append(response[keep] if keep.any() else response[:1])
+        out_all.append(responses)
+    return out_all
+
+
+def item_images(item: dict) -> list:
+    return list(item.get("images") or ([item["image"]] if item.get("image") is not None else []))
+
+
+def item_messages(item: dict) -> list[dict]:
+    if "messages" in item:
+        return item["messages"]
+    content = [{"type": "image"} for _ in item_images(item)] + [{"type": "text", "text": item["question"]}]
+    return [{"role": "user", "content": content}]
+
+
+def encode_prompt(processor, item: dict) -> dict:
+    text = processor.apply_chat_template(item_messages(item), add_generation_prompt=True, tokenize=False)
+    images = item_images(item) or None
+    return dict(processor(text=[text], images=images, return_tensors="pt"))
+
+
+def build_batch(processor, items: list[dict], responses: list[list[torch.Tensor]]):
+    """verl V1 rows (by verl's own agent-loop code) for every (item, response); uid = item index."""
+    from verl_tor.testing import build_verl_row
+
+    rows, keys = [], []
+    for i, (item, item_responses) in enumerate(zip(items, responses)):
+        prompt_ids = encode_prompt(processor, item)["input_ids"][0]
+        for j, response in enumerate(item_responses):
+            row = build_verl_row(processor, prompt_ids, response, item_images(item) or None)
+            row["uid"] = f"prompt{i}"
+            rows.append(row)
+            keys.append(f"prompt{i}_{j}_0")
+    return rows, keys
+
+
+def run_tor(model, processor, rows: list[dict], keys: list[str], cfg: ToRConfig, progress: bool, advantages=None):
+    """Old-policy pass + the real ToR stage over an in-memory store; returns (store, metrics, stage tensors, timing)."""
+    from tensordict import TensorDict
+    from verl.workers.utils.padding import response_from_nested
+
+    from verl_tor.stage import ToRStage, make_view_builder, rows_to_tensordict
+    from verl_tor.testing import InMemoryKV, KVMeta, LocalLogProbScorer
+
+    store = InMemoryKV()
+    store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
+    scorer = LocalLogProbScorer.for_model(store, model)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for _ in _progress(range(1), "old-policy pass", enabled=progress):
+        scorer(KVMeta(keys=keys, partition_id="train", extra_info={"calculate_entropy": True, "temperature": 1.0}))
+        got = store.kv_batch_get(keys, "train", ["log_probs", "entropy", "response_mask"])
+        fields = {
+            "old_log_probs": response_from_nested(got["log_probs"], got["response_mask"]),
+            "entropy": response_from_nested(got["entropy"], got["response_mask"]),
+        }
+        store.kv_batch_put(keys, "train", fields=TensorDict(fields, batch_size=len(keys)))
+    timing["old_log_prob"] = time.perf_counter() - t0
+    if advantages is not None:
+        store.kv_batch_put(keys, "train", fields=TensorDict({"advantages": advantages}, batch_size=len(keys)))
+    elif cfg.apply == "advantage":
+        cfg = cfg.replace(apply="loss")  # nothing to scale: store the weights themselves
+    captured: dict[str, Any] = {}
+    stage = ToRStage(
+        config=cfg,
+        score=scorer,
+        make_meta=KVMeta,
+        build_view=make_view_builder(cfg, processor) if cfg.needs_image_free_pass else (lambda row: None),
+        store=store,
+        temperature=1.0,
+        on_weights=lambda **kw: captured.update(kw),
+    )
+    metrics: dict[str, float] = {}
+    for _ in _progress(range(1), "ToR stage (image-free pass + selection)", enabled=progress):
+        stage.run(KVMeta(keys=keys, partition_id="train"), metrics, timing, step=1)
+    return store, metrics, captured["tensors"], timing
+
+
+def write_token_map(path: str, processor, rows, items_per_row, tensors, metrics, title: str, limit: int) -> str:
+    from verl_tor.viz import build_rollouts, render_token_map
+
+    valid = tensors["response_mask"].bool()
+    rollouts = build_rollouts(
+        processor.tokenizer,
+        [r["responses"] for r in rows],
+        tensors["entropy"],
+        tensors["sensitivity"],
+        tensors["weights"],
+        tensors["reasoning"],
+        tensors["perception"],
+        prompts=[it.get("question", "") for it in items_per_row],
+        images=[(item_images(it) or [None])[0] for it in items_per_row],
+        limit=limit,
+    )
+    page = render_token_map(
+        rollouts,
+        thresholds=tensors["thresholds"],
+        summary={k: v for k, v in metrics.items() if k.startswith("tor/")},
+        title=title,
+        all_entropy=tensors["entropy"][valid].tolist(),
+        all_sensitivity=(tensors["sensitivity"][valid].tolist() if tensors["sensitivity"] is not None else []),
+    )
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path
+
+
 def run_demo(
     cfg: ToRConfig,
     out_dir: str,
@@ -60,9 +195,6 @@ def run_demo(
     from verl.utils import hf_processor
 
     from verl_tor import tiny
-    from verl_tor.stage import ToRStage, make_view_builder, rows_to_tensordict
-    from verl_tor.testing import InMemoryKV, KVMeta, LocalLogProbScorer, build_verl_row
-    from verl_tor.viz import build_rollouts, render_token_map
 
     seconds: dict[str, float] = {}
     os.makedirs(out_dir, exist_ok=True)
@@ -74,133 +206,57 @@ def run_demo(
     for _ in _progress(range(1), "build tiny Qwen2.5-VL", enabled=progress):
         tiny.save_tiny_checkpoint(ckpt, seed=seed)
         processor = hf_processor(ckpt)
-        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32)
-        model.eval()
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
     if processor is None or not hasattr(processor, "get_rope_index"):
         raise RuntimeError(f"verl could not load a Qwen2.5-VL processor from {ckpt}")
     seconds["build"] = time.perf_counter() - t0
 
-    # 2. problems and rollouts
+    # 2. problems, rollouts, verl rows
     t0 = time.perf_counter()
     problems = [tiny.make_geometry_problem(seed + i) for i in range(n_prompts)]
-    rows, keys, uids, images = [], [], [], []
-    gen = torch.Generator().manual_seed(seed)
-    # a random model happily emits <|image_pad|> etc.; a real rollout would not, and verl's row code refuses it
-    from verl_tor.views import VisionTokenIds
-
-    banned = [[t] for t in VisionTokenIds.from_processor(processor).all]
-    for i, prob in enumerate(_progress(problems, "sample responses", enabled=progress)):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prob["question"]}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        enc = processor(text=[text], images=[prob["image"]], return_tensors="pt")
-        with torch.no_grad():
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            out = model.generate(
-                **enc,
-                do_sample=True,
-                temperature=1.0,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=n,
-                bad_words_ids=banned,
-                pad_token_id=processor.tokenizer.pad_token_id,
-            )
-        prompt_ids = enc["input_ids"][0]
-        for j in range(n):
-            response = out[j, prompt_ids.numel() :]
-            response = response[response != processor.tokenizer.pad_token_id]
-            if response.numel() == 0:
-                response = out[j, prompt_ids.numel() : prompt_ids.numel() + 1]
-            row = build_verl_row(processor, prompt_ids, response, [prob["image"]])
-            # toy outcome reward on the last token, so GRPO has something to rank
-            score = float(int(response.sum()) % 3 == 0)
-            row["rm_scores"] = torch.zeros(response.numel())
-            row["rm_scores"][-1] = score
-            row["uid"] = f"prompt{i}"
-            rows.append(row)
-            keys.append(f"prompt{i}_{j}_0")
-            uids.append(f"prompt{i}")
-            images.append(prob["image"])
+    responses = sample_responses(model, processor, problems, n, max_new_tokens, seed, progress)
+    rows, keys = build_batch(processor, problems, responses)
     seconds["rollout"] = time.perf_counter() - t0
 
-    # 3. store as verl does
-    store = InMemoryKV()
-    store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
-    meta = KVMeta(keys=keys, partition_id="train", extra_info={"temperature": 1.0})
-    scorer = LocalLogProbScorer.for_model(store, model)
+    # 3. GRPO advantages from a toy outcome reward (verl's estimator)
+    lengths = torch.tensor([len(r["responses"]) for r in rows])
+    mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).float()
+    scores = torch.zeros_like(mask)
+    for i, r in enumerate(rows):  # toy reward on the last token (the random model never solves the problem)
+        scores[i, len(r["responses"]) - 1] = float(int(r["responses"].sum()) % 3 == 0)
+    uids = np.array([r["uid"] for r in rows], dtype=object)
+    advantages, _ = compute_grpo_outcome_advantage(scores, mask, uids)
 
-    # 4. old-policy pass + GRPO advantage (verl's)
-    t0 = time.perf_counter()
-    from verl.workers.utils.padding import response_from_nested
-
-    for _ in _progress(range(1), "old-policy pass", enabled=progress):
-        meta.extra_info.update({"calculate_entropy": True, "compute_loss": False})
-        scorer.compute_log_prob(meta)
-        got = store.kv_batch_get(keys, "train", ["log_probs", "entropy", "response_mask"])
-        old = response_from_nested(got["log_probs"], got["response_mask"])
-        ent = response_from_nested(got["entropy"], got["response_mask"])
-        store.kv_batch_put(keys, "train", fields=_td({"old_log_probs": old, "entropy": ent}, len(keys)))
-    seconds["old_log_prob"] = time.perf_counter() - t0
-    data = store.kv_batch_get(keys, "train", ["response_mask", "rm_scores"])
-    mask = torch.nested.to_padded_tensor(data["response_mask"], 0).float()
-    scores = torch.nested.to_padded_tensor(data["rm_scores"], 0.0)
-    advantages, _ = compute_grpo_outcome_advantage(scores, mask, np.array(uids, dtype=object))
-    store.kv_batch_put(keys, "train", fields=_td({"advantages": _nest(advantages, mask)}, len(keys)))
-
-    # 5. the ToR stage
-    captured: dict[str, Any] = {}
-    stage = ToRStage(
-        config=cfg,
-        score=scorer.compute_log_prob,
-        make_meta=KVMeta,
-        build_view=make_view_builder(cfg, processor),
-        store=store,
-        temperature=1.0,
-        on_weights=lambda **kw: captured.update(kw),
+    # 4. old-policy pass + the ToR stage
+    store, metrics, tensors, timing = run_tor(
+        model, processor, rows, keys, cfg, progress, advantages=_nest(advantages, mask)
     )
-    metrics: dict[str, float] = {}
-    timing: dict[str, float] = {}
-    for _ in _progress(range(1), "ToR stage (image-free pass + selection)", enabled=progress):
-        stage.run(meta, metrics, timing, step=1)
     seconds.update({f"tor_{k}": v for k, v in timing.items()})
 
-    # 6. one loss/backward step through verl's ppo_loss, stock vs ToR (apply=advantage: weighted advantages)
+    # 5. one loss/backward step through verl's ppo_loss, stock vs ToR
     losses = {}
+    weighted = tensors["weights"] * advantages if cfg.apply == "advantage" else None
     for name, adv in _progress(
-        [("stock GRPO", advantages), (f"ToR-GRPO ({cfg.mode})", _weighted(store, keys))],
+        [("stock GRPO", advantages), (f"ToR-GRPO ({cfg.mode})", weighted if weighted is not None else advantages)],
         "loss + backward",
         enabled=progress,
     ):
         losses[name] = _loss_step(model, rows, store, keys, adv, mask)
 
-    # token map
-    t = captured["tensors"]
-    html_path = os.path.join(out_dir, "token_map.html")
-    rollouts = build_rollouts(
-        processor.tokenizer,
-        [r["responses"] for r in rows],
-        t["entropy"],
-        t["sensitivity"],
-        t["weights"],
-        t["reasoning"],
-        t["perception"],
-        prompts=[p["question"] for p in problems for _ in range(n)],
-        images=images,
+    items_per_row = [p for p in problems for _ in range(n)]
+    html_path = write_token_map(
+        os.path.join(out_dir, "token_map.html"),
+        processor,
+        rows,
+        items_per_row,
+        tensors,
+        metrics,
+        "verl-tor demo: tokens ToR reweights",
         limit=cfg.log_token_maps_rollouts * 2,
     )
-    valid = t["response_mask"].bool()
-    page = render_token_map(
-        rollouts,
-        thresholds=t["thresholds"],
-        summary={k: v for k, v in metrics.items() if k.startswith("tor/")},
-        title="verl-tor demo: tokens ToR reweights",
-        all_entropy=t["entropy"][valid].tolist(),
-        all_sensitivity=(t["sensitivity"][valid].tolist() if t["sensitivity"] is not None else []),
-    )
-    with open(html_path, "w", encoding="utf-8") as f:
-        f.write(page)
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump({"metrics": metrics, "losses": losses, "seconds": seconds}, f, indent=2, sort_keys=True)
-    return DemoResult(metrics=metrics, losses=losses, html_path=html_path, seconds=seconds, n_tokens=int(valid.sum()))
+    return DemoResult(metrics=metrics, losses=losses, html_path=html_path, seconds=seconds, n_tokens=int(mask.sum()))
 
 
 def _td(fields: dict, n: int):
@@ -213,10 +269,6 @@ def _nest(padded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.nested.as_nested_tensor(
         [padded[i, : int(m)] for i, m in enumerate(mask.sum(1).tolist())], layout=torch.jagged
     )
-
-
-def _weighted(store, keys) -> torch.Tensor:
-    return torch.nested.to_padded_tensor(store.kv_batch_get(keys, "train", ["advantages"])["advantages"], 0.0)
 
 
 def _loss_step(model, rows, store, keys, advantages: torch.Tensor, mask: torch.Tensor) -> float:
