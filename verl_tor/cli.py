@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import json
 import sys
 import time
 from typing import Any
@@ -114,6 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--synthetic", action="store_true", help="ops only, on synthetic scores (no model)")
     demo.add_argument("overrides", nargs="*", help="tor.* overrides, e.g. tor.scope=group tor.perception_weight=1")
+    insp = sub.add_parser("inspect", help="token maps for a local Qwen2-VL/2.5-VL checkpoint on verl-format data")
+    insp.add_argument(
+        "--model", required=True, help="Hugging Face checkpoint directory (e.g. a merged verl checkpoint)"
+    )
+    insp.add_argument("--data", required=True, help="verl RL parquet (prompt + images columns)")
+    insp.add_argument("--responses", help="JSONL with {index, response} per line (default: generate)")
+    insp.add_argument("--n", type=int, default=4, help="responses generated per prompt")
+    insp.add_argument("--limit", type=int, default=4, help="rows of --data to use")
+    insp.add_argument("--max-new-tokens", type=int, default=256)
+    insp.add_argument("--out-dir", default="tor_inspect_out")
+    insp.add_argument("--no-progress", action="store_true")
+    insp.add_argument("overrides", nargs="*", help="tor.* overrides")
     docs = sub.add_parser("docs", help="print the README's config and metrics tables")
     docs.add_argument("--write", metavar="README", help="regenerate the tables inside this file instead")
     args = parser.parse_args(argv)
@@ -134,6 +147,26 @@ def main(argv: list[str] | None = None) -> int:
     except ToRConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "inspect":
+        from verl_tor.inspection import InspectError, run_inspect
+
+        try:
+            summary = run_inspect(
+                args.model,
+                args.data,
+                args.out_dir,
+                cfg,
+                n=args.n,
+                limit=args.limit,
+                responses_path=args.responses,
+                max_new_tokens=args.max_new_tokens,
+                progress=not args.no_progress,
+            )
+        except InspectError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({k: summary[k] for k in ("rollouts", "tokens", "metrics", "token_map")}, indent=2))
+        return 0
     if args.synthetic:
         return run_synthetic(args, cfg)
     from verl_tor.demo import main as run_demo

@@ -1,0 +1,104 @@
+"""`verl-tor inspect` on a tiny checkpoint saved with save_pretrained and a tiny verl-format parquet."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from verl_tor.cli import main
+from verl_tor.inspection import InspectError, check_checkpoint, load_items
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def parquet(tmp_path_factory, geometry_images):
+    path = tmp_path_factory.mktemp("data") / "geo.parquet"
+    rows = [
+        {
+            "data_source": "synthetic/geometry",
+            "prompt": [{"role": "user", "content": f"<image>Find the area of figure {i}."}],
+            "images": [{"bytes": png_bytes(img)}],
+            "reward_model": {"ground_truth": "12", "style": "rule"},
+        }
+        for i, img in enumerate(geometry_images[:2])
+    ]
+    pd.DataFrame(rows).to_parquet(path)
+    return str(path)
+
+
+def test_inspect_generates_and_writes_maps(tiny_checkpoint, parquet, tmp_path):
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "inspect",
+            "--model",
+            tiny_checkpoint,
+            "--data",
+            parquet,
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--out-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rollouts"] == 4 and summary["tokens"] > 0
+    assert summary["metrics"]["tor/perception_frac"] > 0
+    html = (out / "token_map.html").read_text()
+    assert html.count("class='tok ") >= summary["tokens"]
+
+
+def test_inspect_reads_responses(tiny_checkpoint, parquet, tmp_path):
+    responses = tmp_path / "r.jsonl"
+    responses.write_text('{"index": 0, "response": "The area is 12."}\n{"index": 1, "response": "It is 5."}\n')
+    rc = main(
+        [
+            "inspect",
+            "--model",
+            tiny_checkpoint,
+            "--data",
+            parquet,
+            "--responses",
+            str(responses),
+            "--out-dir",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["rollouts"] == 2
+
+
+def test_clear_errors(tmp_path, parquet, geometry_images):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(InspectError, match="'llama' checkpoint, not Qwen2-VL/Qwen2.5-VL"):
+        check_checkpoint(str(tmp_path / "llama"))
+    with pytest.raises(InspectError, match="no config.json"):
+        check_checkpoint(str(tmp_path))
+    no_images = tmp_path / "noimg.parquet"
+    pd.DataFrame([{"prompt": [{"role": "user", "content": "hi"}], "images": []}]).to_parquet(no_images)
+    with pytest.raises(InspectError, match="row 0 has no images"):
+        load_items(str(no_images), 2)
+    broken = tmp_path / "broken.parquet"
+    pd.DataFrame(
+        [{"prompt": [{"role": "user", "content": "<image>hi"}], "images": [{"bytes": b"not a png"}]}]
+    ).to_parquet(broken)
+    with pytest.raises(InspectError, match="row 0 image 0: the image cannot be opened"):
+        load_items(str(broken), 2)
+    text_only = tmp_path / "text.parquet"
+    pd.DataFrame([{"prompt": [{"role": "user", "content": "hi"}]}]).to_parquet(text_only)
+    with pytest.raises(InspectError, match="no 'images' column"):
+        load_items(str(text_only), 2)

@@ -1,0 +1,187 @@
+"""``verl-tor inspect``: ToR's token maps for a local Qwen2-VL/2.5-VL checkpoint on verl-format data.
+
+Reads a verl RL parquet (``prompt`` = chat messages whose text may contain ``<image>`` placeholders, ``images`` =
+list of ``{"bytes": ...}`` or ``{"path": ...}`` or PIL-openable paths, as ``verl/utils/dataset/rl_dataset.py``
+expects), generates ``--n`` responses per prompt (or reads them from ``--responses``, a JSONL file with ``index``
+and ``response`` per line), runs the old-policy pass and the ToR stage exactly as in training, and writes
+``token_map.html`` and ``summary.json``. Runs on CPU for small models and on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import torch
+
+from verl_tor.config import ToRConfig
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+class InspectError(ValueError):
+    """Bad input to ``verl-tor inspect``; the message names the file/row and the fix."""
+
+
+def check_checkpoint(path: str) -> str:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise InspectError(
+            f"--model {path!r}: no config.json there. Fix: pass a Hugging Face checkpoint directory (a merged verl "
+            "checkpoint: python -m verl.model_merger merge ...; or a base Qwen2.5-VL)."
+        )
+    with open(config_path, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise InspectError(
+            f"--model {path!r} is a {model_type!r} checkpoint, not Qwen2-VL/Qwen2.5-VL "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}). Fix: inspect a Qwen2-VL or Qwen2.5-VL model."
+        )
+    return model_type
+
+
+def _open_image(value: Any, where: str):
+    from PIL import Image
+
+    try:
+        if isinstance(value, dict):
+            if value.get("bytes") is not None:
+                return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+            value = value.get("path") or value.get("image")
+        if isinstance(value, (bytes, bytearray)):
+            return Image.open(io.BytesIO(value)).convert("RGB")
+        if isinstance(value, str):
+            return Image.open(value).convert("RGB")
+        if hasattr(value, "convert"):
+            return value.convert("RGB")
+    except Exception as exc:  # PIL raises several types
+        raise InspectError(
+            f"{where}: the image cannot be opened ({exc}). Fix: store PNG/JPEG bytes or a path."
+        ) from exc
+    raise InspectError(f"{where}: unsupported image value of type {type(value).__name__}. Fix: use {{'bytes': ...}}.")
+
+
+def load_items(data_path: str, limit: int) -> list[dict]:
+    """The first ``limit`` rows of a verl RL parquet as ``{"messages": [...], "images": [PIL...]}`` items."""
+    import pandas as pd
+
+    if not os.path.isfile(data_path):
+        raise InspectError(f"--data {data_path!r} does not exist. Fix: pass a verl-format parquet file.")
+    frame = pd.read_parquet(data_path)
+    for column in ("prompt", "images"):
+        if column not in frame.columns:
+            raise InspectError(
+                f"--data {data_path!r} has no {column!r} column (columns: {list(frame.columns)}). ToR needs prompts "
+                "with images. Fix: preprocess with recipes/data/geo3k.py or verl's examples/data_preprocess."
+            )
+    items = []
+    for i, record in enumerate(frame.head(limit).to_dict("records")):
+        raw_images = record["images"]
+        raw_images = list(raw_images) if raw_images is not None else []
+        if not raw_images:
+            raise InspectError(f"--data {data_path!r} row {i} has no images: ToR's perception score needs one.")
+        images = [_open_image(img, f"--data {data_path!r} row {i} image {k}") for k, img in enumerate(raw_images)]
+        messages = []
+        for message in list(record["prompt"]):
+            content = message["content"]
+            if isinstance(content, str):
+                parts = []
+                for k, chunk in enumerate(content.split("<image>")):
+                    if k:
+                        parts.append({"type": "image"})
+                    if chunk:
+                        parts.append({"type": "text", "text": chunk})
+                content = parts
+            messages.append({"role": message["role"], "content": content})
+        question = " ".join(p.get("text", "") for m in messages for p in m["content"] if p.get("type") == "text")
+        items.append({"messages": messages, "images": images, "question": question})
+    return items
+
+
+def read_responses(path: str, processor, n_items: int) -> list[list[torch.Tensor]]:
+    out: list[list[torch.Tensor]] = [[] for _ in range(n_items)]
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            index = int(record["index"])
+            if not 0 <= index < n_items:
+                raise InspectError(f"--responses {path!r} line {line_no}: index {index} is outside the {n_items} rows")
+            ids = processor.tokenizer.encode(record["response"], add_special_tokens=False)
+            out[index].append(torch.tensor(ids or [processor.tokenizer.eos_token_id]))
+    missing = [i for i, r in enumerate(out) if not r]
+    if missing:
+        raise InspectError(f"--responses {path!r} has no response for rows {missing[:5]}. Fix: give every row one.")
+    return out
+
+
+def run_inspect(
+    model_path: str,
+    data_path: str,
+    out_dir: str,
+    cfg: ToRConfig,
+    n: int = 4,
+    limit: int = 4,
+    responses_path: str | None = None,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+) -> dict:
+    from transformers import AutoModelForImageTextToText
+    from verl.utils import hf_processor
+
+    from verl_tor.demo import build_batch, run_tor, sample_responses, write_token_map
+
+    check_checkpoint(model_path)
+    items = load_items(data_path, limit)
+    processor = hf_processor(model_path)
+    if processor is None:
+        raise InspectError(f"--model {model_path!r}: verl could not load its processor. Fix: save it alongside.")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    if responses_path:
+        responses = read_responses(responses_path, processor, len(items))
+    else:
+        responses = sample_responses(model, processor, items, n, max_new_tokens, cfg.seed, progress)
+    rows, keys = build_batch(processor, items, responses)
+    _, metrics, tensors, timing = run_tor(model, processor, rows, keys, cfg, progress)
+    os.makedirs(out_dir, exist_ok=True)
+    items_per_row = [item for item, rs in zip(items, responses) for _ in rs]
+    html = write_token_map(
+        os.path.join(out_dir, "token_map.html"),
+        processor,
+        rows,
+        items_per_row,
+        tensors,
+        metrics,
+        f"verl-tor inspect: {os.path.basename(os.path.abspath(model_path))}",
+        limit=len(rows),
+    )
+    valid = tensors["response_mask"].bool()
+    summary = {
+        "model": model_path,
+        "data": data_path,
+        "rollouts": len(rows),
+        "tokens": int(valid.sum()),
+        "metrics": metrics,
+        "seconds": timing,
+        "entropy_quantiles": _quantiles(tensors["entropy"][valid]),
+        "sensitivity_quantiles": _quantiles(tensors["sensitivity"][valid])
+        if tensors["sensitivity"] is not None
+        else {},
+        "token_map": html,
+    }
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    return summary
+
+
+def _quantiles(values: torch.Tensor) -> dict[str, float]:
+    if values.numel() == 0:
+        return {}
+    qs = torch.tensor([0.1, 0.5, 0.7, 0.9, 0.99], dtype=torch.float64)
+    got = torch.quantile(values.double(), qs)  # small here: one inspect batch, far below 2^24 tokens
+    return {f"p{int(q * 100)}": float(v) for q, v in zip(qs, got)}
