@@ -1,15 +1,31 @@
-"""Pure tensor ops of ToR (torch only; importable without verl or Ray). Shapes and units in each docstring."""
+"""Pure tensor ops of ToR: entropy, visual sensitivity, exact top-fraction selection, token weights.
 
-from verl_tor.ops.entropy import compute_entropy_from_logits, compute_top_p_entropy_from_logits
-from verl_tor.ops.select import build_segments, count_top_fraction, select_top_fraction, select_top_k_per_segment
+Torch (and numpy) only: ``import verl_tor.ops`` works without verl or Ray. Tensors are verl's padded ``(B, T)``
+response tensors with ``response_mask``; shapes and units are in each docstring.
+"""
+
+from verl_tor.ops.entropy import (
+    DEFAULT_ENTROPY_CHUNK_SIZE,
+    compute_entropy_from_logits,
+    compute_top_p_entropy_from_logits,
+)
+from verl_tor.ops.select import (
+    build_segments,
+    compute_selection_threshold,
+    count_top_fraction,
+    select_top_fraction,
+    select_top_k_per_segment,
+)
 from verl_tor.ops.sensitivity import SENSITIVITY_FNS, compute_visual_sensitivity
 from verl_tor.ops.weights import ToRSelection, compute_tor_weights, make_generator, select_tor_tokens
 
 __all__ = [
+    "DEFAULT_ENTROPY_CHUNK_SIZE",
     "SENSITIVITY_FNS",
     "ToRSelection",
     "build_segments",
     "compute_entropy_from_logits",
+    "compute_selection_threshold",
     "compute_top_p_entropy_from_logits",
     "compute_tor_weights",
     "compute_visual_sensitivity",

@@ -1,118 +1,117 @@
-"""Exact top-fraction token selection over valid response tokens, per scope, with seeded tie-breaking.
+"""Exact top-fraction selection of response tokens per scope, with seeded random tie-breaking.
 
-No ``torch.quantile``: it refuses inputs above 2^24 elements, and a 512×12×4096 rollout batch has 25M tokens.
-The batch scope uses one ``kthvalue`` (linear time) and resolves only the ties at the cut; the per-sequence and
-per-group scopes use one segmented sort. Ties are broken by a seeded random permutation, never by position (the
-top-p entropy gives many exact zeros, and position-ordered ties would favour early tokens).
+ToR keeps the top ρ of valid response tokens by a score (entropy for T_r, visual sensitivity for T_p; paper §3.2).
+Three requirements shape this module:
+
+- **Exact counts.** Every scope gets exactly ceil(ρ·N) of its N valid tokens, with ceil computed on the ratio as a
+  rational (``count_top_fraction``), so 0.3·10 is 3, not float64's 3.0000000000000004 → 4.
+- **Scale.** A 512×12 rollout batch of 4096-token responses has 25M tokens; ``torch.quantile`` refuses inputs above
+  2^24 elements, and a full sort of 25M floats takes seconds on a CPU. The batch scope finds the cut in linear time
+  (a sampled bracket, then ``torch.kthvalue`` on the few values inside it) and the sequence/group scopes use one
+  segmented sort on 64-bit composite keys (segment id, score).
+- **Unbiased ties.** Top-p entropy gives many exact zeros, so the cut often falls inside a block of equal scores.
+  Only the tied tokens at a scope's cut are resolved, by a seeded random permutation (``torch.randperm`` on a CPU
+  generator), never by position: position order would favour early tokens of early responses.
+
+Scores are compared in float32 (bf16/fp16 embed exactly; float64 inputs are rounded, so float64 values closer than
+float32's resolution count as ties). NaN scores on valid tokens raise; ±inf are ordinary values.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["count_top_fraction", "select_top_fraction", "select_top_k_per_segment", "build_segments"]
+from verl_tor.config import CHOICES
 
-_CEIL_EPS = 1e-6  # ceil(0.3 * 10) must be 3, not 4 (0.3 * 10 == 3.0000000000000004 in float64)
+__all__ = [
+    "build_segments",
+    "compute_selection_threshold",
+    "count_top_fraction",
+    "select_top_fraction",
+    "select_top_k_per_segment",
+]
+
+_SCOPES = CHOICES["scope"]
+
+_RATIO_MAX_DENOMINATOR = 1 << 20
+"""ρ is read as the nearest fraction a/b with b <= 2^20 (0.3 -> 3/10 exactly; any ratio typed with up to 6 decimals
+is exact), then ceil(a·N/b) is integer arithmetic: no float noise, and a·N stays far inside int64."""
+
+_EXACT_KTH_BELOW = 1 << 20
+"""Below this many elements the cut is a plain ``kthvalue``; above it, a sampled bracket skips most of the work."""
+
+_BRACKET_SAMPLE = 1 << 16
+"""Strided sample size used to bracket the cut: the bracket is ±4 binomial standard deviations (+16) wide around
+the sample's estimate, so about 1-2% of the values fall inside and need the exact ``kthvalue``."""
+
+_LOW32 = (1 << 32) - 1
 
 
-def count_top_fraction(ratio: float, n: torch.Tensor | int) -> torch.Tensor | int:
-    """ceil(ratio · n), robust to float noise; works on ints and on integer tensors (per scope)."""
+def count_top_fraction(ratio: float, n: int | torch.Tensor) -> int | torch.Tensor:
+    """ceil(ρ·N), exactly: how many tokens a scope with N valid tokens selects.
+
+    Args:
+        ratio: ρ in [0, 1]; read as the nearest fraction with denominator <= 2^20 (see ``_RATIO_MAX_DENOMINATOR``).
+        n: N, a non-negative python int or an integer tensor of per-scope counts, any shape.
+
+    Returns:
+        ceil(ρ·N) with the type of ``n`` (int64 tensor for a tensor), in [0, N]; ρ=0 gives 0 and ρ=1 gives N.
+    """
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio={ratio!r} is invalid. Fix: give a fraction in [0, 1].")
+    frac = Fraction(ratio).limit_denominator(_RATIO_MAX_DENOMINATOR)
+    a, b = frac.numerator, frac.denominator
     if isinstance(n, torch.Tensor):
-        k = torch.ceil(n.double() * ratio - _CEIL_EPS).clamp_min(0).long()
-        return torch.minimum(k, n.long())
-    return min(max(math.ceil(n * ratio - _CEIL_EPS), 0), n)
+        n = n.long()
+        return (n * a + (b - 1)) // b  # ceil for n >= 0
+    return (int(n) * a + b - 1) // b
 
 
 def build_segments(
-    response_mask: torch.Tensor, scope: str, index: Sequence[Any] | np.ndarray | torch.Tensor | None = None
+    batch_size: int,
+    scope: str,
+    index: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Segment id of every row for a scope.
+    """The scope id of every row: the rows whose tokens are ranked together.
 
     Args:
-        response_mask: (B, T).
-        scope: ``batch`` (one segment), ``sequence`` (one per row) or ``group`` (rows sharing ``index``).
-        index: (B,) verl's ``uid`` per row (strings, ints or a tensor); required for ``group``.
+        batch_size: B, rows of the padded batch.
+        scope: ``batch`` (one scope: the paper's choice), ``sequence`` (one per row) or ``group`` (rows sharing
+            the same ``index`` value).
+        index: ``(B,)`` verl's ``uid`` per row: a numpy array, a list (strings, ints, any hashable) or a tensor.
+            Required for ``group``, ignored otherwise.
+        device: where the returned ids live.
+
     Returns:
-        row_segment: (B,) int64, and the number of segments.
+        ``row_segment`` ``(B,)`` int64 in [0, S) (groups numbered by first appearance) and ``S``, the number of
+        scopes (0 for an empty batch).
     """
-    b = response_mask.shape[0]
-    device = response_mask.device
     if scope == "batch":
-        return torch.zeros(b, dtype=torch.long, device=device), 1
+        return torch.zeros(batch_size, dtype=torch.long, device=device), min(batch_size, 1)
     if scope == "sequence":
-        return torch.arange(b, device=device), b
-    if scope == "group":
-        if index is None:
-            raise ValueError("scope='group' needs index (verl's uid per row)")
-        if isinstance(index, torch.Tensor):
-            index = index.cpu().numpy()
-        values = np.asarray(list(index), dtype=object).astype(str)
-        if len(values) != b:
-            raise ValueError(f"index has {len(values)} entries for {b} rows")
-        _, inverse = np.unique(values, return_inverse=True)
-        return torch.as_tensor(inverse.reshape(-1), dtype=torch.long, device=device), int(inverse.max()) + 1 if b else 0
-    raise ValueError(f"unknown scope {scope!r}; choose batch, sequence or group")
-
-
-def _tie_break_keys(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.randperm(n, generator=generator).to(device)
-
-
-def select_top_k_per_segment(
-    values: torch.Tensor, segment: torch.Tensor, k: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick exactly ``k[s]`` largest ``values`` in every segment ``s`` (ties in seeded random order).
-
-    Args:
-        values: (N,) scores of the valid tokens.
-        segment: (N,) int64 segment id of each token.
-        k: (S,) int64 how many to pick per segment (<= its size).
-        generator: seeded CPU generator (tie-breaking).
-    Returns:
-        chosen: (N,) bool; cut: (S,) the smallest chosen value per segment (0 where nothing is chosen).
-    """
-    n, s = values.numel(), k.numel()
-    device = values.device
-    chosen = torch.zeros(n, dtype=torch.bool, device=device)
-    cut = torch.zeros(s, dtype=torch.float32, device=device)
-    if n == 0 or int(k.sum()) == 0:
-        return chosen, cut
-    # order = segment asc, value desc, random asc: shuffle, then two stable sorts (value, then segment)
-    perm = _tie_break_keys(n, generator, device)
-    order = perm[torch.argsort(values[perm], descending=True, stable=True)]
-    order = order[torch.argsort(segment[order], stable=True)]
-    seg_sorted = segment[order]
-    sizes = torch.bincount(segment, minlength=s)
-    starts = torch.cumsum(sizes, 0) - sizes
-    rank = torch.arange(n, device=device) - starts[seg_sorted]
-    take = rank < k[seg_sorted]
-    chosen[order[take]] = True
-    # the cut of a segment is its last taken value (values are in descending order within the segment)
-    last = starts + k - 1
-    has = k > 0
-    cut[has] = values[order[last[has]]].float()
-    return chosen, cut
-
-
-def _select_batch(values: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, float]:
-    """Batch scope in linear time: k-th largest by ``kthvalue``, then only the ties at the cut are shuffled."""
-    n = values.numel()
-    if k == 0:
-        return torch.zeros(n, dtype=torch.bool, device=values.device), 0.0
-    if k == n:
-        return torch.ones(n, dtype=torch.bool, device=values.device), float(values.min())
-    cut = torch.kthvalue(values, n - k + 1).values  # the k-th largest value
-    chosen = values > cut
-    need = k - int(chosen.sum())
-    ties = torch.nonzero(values == cut).squeeze(1)
-    pick = ties[_tie_break_keys(ties.numel(), generator, values.device)[:need]]
-    chosen[pick] = True
-    return chosen, float(cut)
+        return torch.arange(batch_size, dtype=torch.long, device=device), batch_size
+    if scope != "group":
+        raise ValueError(f"scope={scope!r} is invalid. Fix: choose one of {', '.join(_SCOPES)}.")
+    if index is None:
+        raise ValueError("scope='group' needs index, verl's uid per row (batch.non_tensor_batch['uid']). Fix: pass it.")
+    if len(index) != batch_size:
+        raise ValueError(f"index has {len(index)} entries for {batch_size} rows. Fix: give one uid per row.")
+    if isinstance(index, torch.Tensor):
+        _, inverse = torch.unique(index.reshape(-1), return_inverse=True)
+        inverse = inverse.to(device=device, dtype=torch.long)
+        return inverse, int(inverse.max()) + 1 if batch_size else 0
+    keys = index.tolist() if isinstance(index, np.ndarray) else list(index)
+    ids: dict[Any, int] = {}
+    row_segment = [ids.setdefault(key, len(ids)) for key in keys]  # a python dict: any hashable uid, no sorting
+    return torch.tensor(row_segment, dtype=torch.long, device=device), len(ids)
 
 
 def select_top_fraction(
@@ -121,38 +120,209 @@ def select_top_fraction(
     ratio: float,
     scope: str = "batch",
     index: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
+    seed: int = 0,
     generator: torch.Generator | None = None,
-    return_cut: bool = False,
-):
-    """Select exactly ceil(ratio · N) valid tokens with the highest ``scores`` in every scope.
+) -> torch.Tensor:
+    """Select exactly ceil(ρ·N) highest-scoring valid tokens in every scope (N = the scope's valid tokens).
 
     Args:
-        scores: (B, T) per-token scores (e.g. entropy in nats, or S_t).
-        response_mask: (B, T) 1/True on valid response tokens; masked tokens are never selected.
-        ratio: ρ in [0, 1]; 0 selects nothing, 1 every valid token.
-        scope: ``batch`` | ``sequence`` | ``group`` (see ``build_segments``); N counts the scope's valid tokens.
-        index: (B,) uid per row, for ``group``.
-        generator: seeded CPU ``torch.Generator`` for tie-breaking (default: seed 0).
-        return_cut: also return the per-scope cut (the smallest selected score; 0 for empty selections).
+        scores: ``(B, T)`` per-token score, any float dtype (compared in float32): entropy in nats for T_r,
+            S_t for T_p. Values at masked positions are ignored (may be anything, NaN included).
+        response_mask: ``(B, T)`` bool or 0/1, True/1 on valid response tokens.
+        ratio: ρ in [0, 1]. 0 selects nothing, 1 every valid token.
+        scope: ``batch`` | ``sequence`` | ``group``, see ``build_segments``.
+        index: ``(B,)`` uid per row, for ``scope='group'``.
+        seed: seeds the tie-breaking permutation when no ``generator`` is given.
+        generator: a CPU ``torch.Generator`` for tie-breaking (advanced by the call); overrides ``seed``.
+
     Returns:
-        (B, T) bool selection; with ``return_cut``, ``(selection, cut (S,))``.
+        ``(B, T)`` bool on ``scores.device``: the selected tokens. Masked tokens are never selected; an all-masked
+        scope selects nothing. Use ``compute_selection_threshold`` for the smallest selected score.
     """
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio={ratio} must be in [0, 1]")
-    if scores.shape != response_mask.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and response_mask {tuple(response_mask.shape)} differ")
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    mask = response_mask.bool()
-    row_segment, n_segments = build_segments(mask, scope, index)
-    values = scores[mask]  # (N,) row-major, like nonzero(mask)
-    selection = torch.zeros_like(mask)
-    if scope == "batch":
-        chosen, cut_value = _select_batch(values, count_top_fraction(ratio, values.numel()), generator)
-        cut = torch.tensor([cut_value], dtype=torch.float32)
+    _check_pair(scores, response_mask)
+    row_segment, num_segments = build_segments(scores.shape[0], scope, index, device=scores.device)
+    valid = _as_bool(response_mask)
+    if num_segments == 1:  # one scope: a flat count is ~20x cheaper than per-row sums of a bool tensor
+        per_segment = torch.count_nonzero(valid).reshape(1)
     else:
-        token_segment = row_segment.unsqueeze(1).expand_as(mask)[mask]
-        sizes = torch.bincount(token_segment, minlength=n_segments)
-        chosen, cut = select_top_k_per_segment(values, token_segment, count_top_fraction(ratio, sizes), generator)
-    selection[mask] = chosen
-    return (selection, cut) if return_cut else selection
+        per_segment = torch.zeros(num_segments, dtype=torch.long, device=scores.device)
+        per_segment.index_add_(0, row_segment, valid.sum(dim=1))  # (S,) N per scope
+    k = count_top_fraction(ratio, per_segment)
+    return select_top_k_per_segment(scores, valid, k, row_segment, seed=seed, generator=generator)
+
+
+def select_top_k_per_segment(
+    scores: torch.Tensor,
+    response_mask: torch.Tensor,
+    k: torch.Tensor,
+    row_segment: torch.Tensor,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Select exactly ``k[s]`` highest-scoring valid tokens of every scope ``s`` (the engine of the module).
+
+    Args:
+        scores: ``(B, T)`` per-token score, any float dtype (compared in float32).
+        response_mask: ``(B, T)`` bool or 0/1, valid response tokens.
+        k: ``(S,)`` int, tokens to select per scope; clipped to [0, valid tokens of the scope].
+        row_segment: ``(B,)`` int64 scope id of each row, in [0, S) (from ``build_segments``).
+        seed, generator: tie-breaking randomness, as in ``select_top_fraction``.
+
+    Returns:
+        ``(B, T)`` bool on ``scores.device``, exactly ``min(k[s], N_s)`` True per scope, all on valid tokens.
+    """
+    _check_pair(scores, response_mask)
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(seed))
+    valid = _as_bool(response_mask)
+    if row_segment.shape != (scores.shape[0],):
+        raise ValueError(f"row_segment has shape {tuple(row_segment.shape)}; expected ({scores.shape[0]},)")
+    row_segment = row_segment.to(device=scores.device, dtype=torch.long)
+    k = k.to(device=scores.device, dtype=torch.long).reshape(-1)
+    if row_segment.numel() and int(row_segment.max()) >= k.numel():
+        raise ValueError(f"row_segment refers to scope {int(row_segment.max())} but k has {k.numel()} entries")
+    # Masked tokens become -inf: then the k-th largest of a whole row/batch is the k-th largest valid score (k <= N),
+    # and whatever the padding held (NaN included) is gone.
+    filled = torch.where(valid, scores.to(torch.float32), -math.inf)  # (B, T) float32
+    if bool(torch.isnan(filled).any()):
+        raise ValueError("scores are NaN on some valid tokens. Fix: check the entropy/sensitivity inputs.")
+    if k.numel() == 1:
+        return _select_top_k_global(filled, valid, int(k[0]), generator)
+    return _select_top_k_segmented(filled, valid, k, row_segment, generator)
+
+
+def compute_selection_threshold(scores: torch.Tensor, selected: torch.Tensor) -> float:
+    """The smallest selected score (for batch scope: the global cut), 0.0 when nothing is selected.
+
+    Args:
+        scores: ``(B, T)`` the scores the selection ranked.
+        selected: ``(B, T)`` bool, e.g. from ``select_top_fraction``.
+
+    Returns:
+        A python float in the scores' units.
+    """
+    if not bool(selected.any()):
+        return 0.0
+    return float(torch.where(selected, scores.to(torch.float32), math.inf).amin())
+
+
+# ---------------------------------------------------------------------------------------------------- internals
+def _select_top_k_global(filled: torch.Tensor, valid: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """One scope over the whole batch, linear time: find the cut, take everything above it, draw among its ties.
+
+    ``filled`` is the ``(B, T)`` float32 scores with -inf on masked tokens.
+    """
+    n_valid = int(torch.count_nonzero(valid))
+    k = max(0, min(k, n_valid))
+    if k == 0:
+        return torch.zeros_like(valid)
+    if k == n_valid:
+        return valid.clone()
+    filled = filled.reshape(-1)  # (B*T,)
+    cut = _find_kth_largest(filled, k)
+    chosen = filled > cut  # (B*T,) never a masked token: those are -inf <= cut
+    ties = (filled == cut) & valid.reshape(-1)  # `& valid`: a valid -inf score can tie with the padding
+    need = k - int(torch.count_nonzero(chosen))
+    n_ties = int(torch.count_nonzero(ties))
+    if need == n_ties:
+        chosen |= ties
+    else:  # 0 < need < n_ties: a uniformly random `need`-subset of the tied tokens
+        tied = torch.nonzero(ties).squeeze(1)  # (n_ties,) row-major, so the draw is reproducible
+        pick = torch.randperm(n_ties, generator=generator)[:need].to(tied.device)
+        chosen[tied[pick]] = True
+    return chosen.reshape(valid.shape)
+
+
+def _find_kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of a 1-D float32 tensor (1 <= k <= len), as a 0-d tensor; exact.
+
+    ``torch.kthvalue`` is linear but copies and partitions all 25M values (~0.4 s on 2 CPU cores). A strided sample
+    brackets the answer in [lo, hi]; two counting passes check that the k-th largest is inside, and only the values
+    inside the bracket are partitioned. If the check fails (an adversarial layout fooled the sample), the plain
+    ``kthvalue`` runs: the result never depends on the sample, only the time does.
+    """
+    n = values.numel()
+    if n <= _EXACT_KTH_BELOW:
+        return torch.kthvalue(values, n - k + 1).values
+    stride = n // _BRACKET_SAMPLE
+    sample = torch.sort(values[stride // 2 :: stride], descending=True).values  # (s,) strided, deterministic
+    s = sample.numel()
+    q = k / n
+    centre = q * s
+    margin = 4.0 * math.sqrt(s * q * (1.0 - q)) + 16.0
+    hi = sample[max(0, math.floor(centre - margin))]
+    lo = sample[min(s - 1, math.ceil(centre + margin))]
+    n_above = int(torch.count_nonzero(values > hi))
+    inside = (values >= lo) & (values <= hi)
+    n_inside = int(torch.count_nonzero(inside))
+    if not n_above < k <= n_above + n_inside:
+        return torch.kthvalue(values, n - k + 1).values
+    if bool(lo == hi):  # the bracket is one tied value (e.g. a block of exact-zero entropies): it is the cut
+        return hi
+    middle = values[inside]
+    return torch.kthvalue(middle, n_inside - (k - n_above) + 1).values
+
+
+def _select_top_k_segmented(
+    filled: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, row_segment: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Many scopes at once: one sort of (segment, score) composite keys gives every scope's cut; draw among ties.
+
+    ``filled`` is the ``(B, T)`` float32 scores with -inf on masked tokens (only valid positions are read).
+    """
+    num_segments = k.numel()
+    width = valid.shape[1]
+    position = torch.nonzero(valid.reshape(-1)).squeeze(1)  # (N,) flat positions of valid tokens, row-major
+    chosen_flat = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
+    if position.numel() == 0:
+        return chosen_flat.reshape(valid.shape)
+    segment = row_segment[position // width]  # (N,)
+    size = torch.bincount(segment, minlength=num_segments)  # (S,) N_s
+    k = torch.minimum(k.clamp_min(0), size)
+    # Descending-score key in [0, 2^32): float32 bits mapped to an order-preserving unsigned int, then reversed.
+    # `+ 0.0` turns -0.0 into +0.0, which compare equal as floats but differ in bits.
+    desc = _LOW32 - _order_key(filled.reshape(-1)[position] + 0.0)  # (N,) int64
+    composite = (segment << 32) | desc  # sorts by segment, then score descending
+    sorted_keys = torch.sort(composite).values
+    start = torch.cumsum(size, 0) - size  # (S,) first sorted position of each scope
+    has_cut = k > 0
+    cut_at = torch.where(has_cut, start + k - 1, 0)
+    # Scopes selecting nothing get cut -1: no desc key is < -1 or == -1, so none of their tokens is chosen.
+    cut = torch.where(has_cut, sorted_keys[cut_at] & _LOW32, -1)  # (S,) cut as a desc key
+    token_cut = cut[segment]
+    chosen = desc < token_cut  # strictly above the cut
+    ties = desc == token_cut
+    need = k - torch.bincount(segment[chosen], minlength=num_segments)  # (S,) tied tokens still to take
+    n_ties = torch.bincount(segment[ties], minlength=num_segments)
+    if bool((need < n_ties).any()):
+        tied = torch.nonzero(ties).squeeze(1)  # (M,)
+        tied_segment = segment[tied]
+        # A random permutation as the secondary key: within each scope the tied tokens come out in uniformly random
+        # order, and the first `need` of them are taken.
+        rank_key = torch.randperm(tied.numel(), generator=generator).to(tied.device)
+        order = torch.sort((tied_segment << 32) | rank_key).indices
+        tied, tied_segment = tied[order], tied_segment[order]
+        tie_start = torch.cumsum(n_ties, 0) - n_ties
+        rank = torch.arange(tied.numel(), device=tied.device) - tie_start[tied_segment]
+        chosen[tied[rank < need[tied_segment]]] = True
+    else:
+        chosen |= ties
+    chosen_flat[position] = chosen
+    return chosen_flat.reshape(valid.shape)
+
+
+def _order_key(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 in [0, 2^32) with the same order (IEEE-754 bits: flip negatives, offset positives)."""
+    bits = values.contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits >= 0, bits + (1 << 31), -1 - bits)
+
+
+def _as_bool(response_mask: torch.Tensor) -> torch.Tensor:
+    return response_mask if response_mask.dtype == torch.bool else response_mask != 0
+
+
+def _check_pair(scores: torch.Tensor, response_mask: torch.Tensor) -> None:
+    if scores.dim() != 2 or scores.shape != response_mask.shape:
+        raise ValueError(
+            f"scores {tuple(scores.shape)} and response_mask {tuple(response_mask.shape)} must both be (B, T)."
+        )

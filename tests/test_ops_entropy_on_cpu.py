@@ -1,0 +1,163 @@
+"""Full and top-p entropy against python-loop references, hand-computed values and the escalation paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import verl_tor.ops.entropy as entropy_module
+from verl_tor.ops import compute_entropy_from_logits, compute_top_p_entropy_from_logits
+
+
+def reference_entropy(row: list[float]) -> float:
+    """-Σ p log p in float64, one python row."""
+    finite = [x for x in row if x != -math.inf]
+    top = max(finite)
+    z = sum(math.exp(x - top) for x in finite)
+    probs = [math.exp(x - top) / z for x in finite]
+    return -sum(p * math.log(p) for p in probs if p > 0)
+
+
+def reference_top_p_entropy(row: list[float], top_p: float) -> float:
+    """The paper's truncated entropy by the definition: sort, keep while the mass before < p, renormalise."""
+    finite = [x for x in row if x != -math.inf]
+    top = max(finite)
+    z = sum(math.exp(x - top) for x in finite)
+    probs = sorted((math.exp(x - top) / z for x in finite), reverse=True)
+    kept, before = [], 0.0
+    for p in probs:
+        if before >= top_p:
+            break
+        kept.append(p)
+        before += p
+    mass = sum(kept)
+    return -sum((p / mass) * math.log(p / mass) for p in kept if p > 0)
+
+
+def random_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """A mix of peaked and flat rows, like an LLM's: a spike of random height over Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * (0.5 + 2.5 * torch.rand(rows, 1, generator=g))
+    spike = torch.randint(0, vocab, (rows, 1), generator=g)
+    return logits.scatter_add(1, spike, 12 * torch.rand(rows, 1, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------- hand-computed
+def test_hand_computed_top_p_entropy():
+    # probabilities 0.5, 0.3, 0.2 (in shuffled order, as logits)
+    logits = torch.tensor([[math.log(0.3), math.log(0.5), math.log(0.2)]])
+    h_full = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2))
+    h_two = -(0.625 * math.log(0.625) + 0.375 * math.log(0.375))  # {0.5, 0.3} renormalised
+    assert compute_entropy_from_logits(logits).item() == pytest.approx(h_full, rel=1e-6)
+    # p=0.4: mass before the top token is 0 < 0.4 -> keep it; before the second is 0.5 >= 0.4 -> stop: H = 0
+    assert compute_top_p_entropy_from_logits(logits, 0.4).item() == pytest.approx(0.0, abs=1e-6)
+    # p=0.7: keep 0.5 (before 0) and 0.3 (before 0.5 < 0.7); the 0.2 has 0.8 before it
+    assert compute_top_p_entropy_from_logits(logits, 0.7).item() == pytest.approx(h_two, rel=1e-6)
+    assert compute_top_p_entropy_from_logits(logits, 0.95).item() == pytest.approx(h_full, rel=1e-6)
+    assert compute_top_p_entropy_from_logits(logits, 1.0).item() == pytest.approx(h_full, rel=1e-6)
+
+
+def test_one_hot_and_uniform_rows():
+    logits = torch.tensor([[50.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    full = compute_entropy_from_logits(logits)
+    assert full[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert full[1].item() == pytest.approx(math.log(4), rel=1e-6)
+    top_p = compute_top_p_entropy_from_logits(logits, 0.6)  # uniform: keep 3 tokens (before: 0, .25, .5 < .6)
+    assert top_p.tolist() == pytest.approx([0.0, math.log(3)], abs=1e-6)
+
+
+def test_masked_vocabulary_gives_no_nan():
+    logits = torch.tensor([[0.0, -math.inf, 1.0, -math.inf], [2.0, 2.0, -math.inf, -math.inf]])
+    for out in (compute_entropy_from_logits(logits), compute_top_p_entropy_from_logits(logits, 0.95)):
+        assert torch.isfinite(out).all()
+    assert compute_entropy_from_logits(logits)[1].item() == pytest.approx(math.log(2), rel=1e-6)
+    assert compute_top_p_entropy_from_logits(logits, 0.9)[1].item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- references
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_full_entropy_matches_reference(dtype):
+    logits = random_logits(9, 50, seed=0).to(dtype)
+    got = compute_entropy_from_logits(logits.reshape(3, 3, 50), chunk_size=4)  # 9 rows: chunks of 4, 4, 1
+    assert got.shape == (3, 3) and got.dtype == torch.float32
+    want = torch.tensor([reference_entropy(row) for row in logits.double().tolist()], dtype=torch.float64).reshape(3, 3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.999])
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 1000])
+def test_top_p_entropy_matches_reference(top_p, chunk_size):
+    logits = random_logits(13, 64, seed=1)
+    got = compute_top_p_entropy_from_logits(logits, top_p, chunk_size=chunk_size)
+    want = torch.tensor([reference_top_p_entropy(row, top_p) for row in logits.double().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 256])
+def test_top_p_one_equals_full_entropy(chunk_size):
+    logits = random_logits(10, 300, seed=2).reshape(2, 5, 300)
+    torch.testing.assert_close(
+        compute_top_p_entropy_from_logits(logits, 1.0, chunk_size=chunk_size), compute_entropy_from_logits(logits)
+    )
+
+
+@pytest.mark.parametrize("levels", [(2, 8, 32), (4,), (1000,), ()])
+def test_escalating_topk_levels_are_exact(monkeypatch, levels):
+    # Tiny levels against a 100-token vocabulary exercise every path at test scale: rows done at the first level,
+    # rows escalated, rows whose lower bound skips a level, and rows left for the full sort (the real levels are
+    # 256 / 4096 / 32768 against 151,936 tokens).
+    monkeypatch.setattr(entropy_module, "_TOP_P_CANDIDATES", levels)
+    logits = random_logits(40, 100, seed=3)
+    for top_p in (0.5, 0.95):
+        got = compute_top_p_entropy_from_logits(logits, top_p, chunk_size=16)
+        want = torch.tensor(
+            [reference_top_p_entropy(row, top_p) for row in logits.double().tolist()], dtype=torch.float64
+        )
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_real_levels_on_a_large_vocabulary():
+    # 8 rows x 40,000 tokens: peaked rows stop at 256 candidates, flat rows go to 4096 / 32768 or the full sort.
+    logits = random_logits(8, 40_000, seed=4)
+    got = compute_top_p_entropy_from_logits(logits, 0.95)
+    want = torch.tensor([reference_top_p_entropy(row, 0.95) for row in logits.double().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 12),
+    st.integers(2, 40),
+    st.floats(0.05, 0.999),
+    st.integers(1, 5),
+    st.integers(0, 2**31 - 1),
+)
+def test_property_top_p_entropy_matches_reference(rows, vocab, top_p, chunk_size, seed):
+    logits = random_logits(rows, vocab, seed)
+    got = compute_top_p_entropy_from_logits(logits, top_p, chunk_size=chunk_size)
+    want = torch.tensor([reference_top_p_entropy(row, top_p) for row in logits.double().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert (got >= 0).all() and (got <= math.log(vocab) + 1e-4).all()
+
+
+# ---------------------------------------------------------------------------------------------- contract
+def test_top_p_entropy_has_no_grad_and_full_entropy_does():
+    logits = random_logits(3, 20, seed=5).requires_grad_(True)
+    assert not compute_top_p_entropy_from_logits(logits, 0.9).requires_grad
+    full = compute_entropy_from_logits(logits, chunk_size=2)
+    full.sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_empty_batch_and_invalid_arguments():
+    assert compute_entropy_from_logits(torch.zeros(0, 5)).shape == (0,)
+    assert compute_top_p_entropy_from_logits(torch.zeros(2, 0, 5), 0.9).shape == (2, 0)
+    for top_p in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="top_p"):
+            compute_top_p_entropy_from_logits(torch.zeros(1, 5), top_p)
+    with pytest.raises(ValueError, match="chunk_size"):
+        compute_top_p_entropy_from_logits(torch.zeros(1, 5), 0.9, chunk_size=0)
