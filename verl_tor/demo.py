@@ -271,7 +271,7 @@ def _nest(padded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _loss_step(model, rows, store, keys, advantages: torch.Tensor, mask: torch.Tensor) -> float:
+def _loss_step(model, rows, store, keys, advantages: torch.Tensor, mask: torch.Tensor, config: Any = None):
     """Current-policy log-probs with grad -> verl's ppo_loss (vanilla, token-mean) -> backward; returns the loss."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.losses import ppo_loss
@@ -297,7 +297,7 @@ def _loss_step(model, rows, store, keys, advantages: torch.Tensor, mask: torch.T
     data["response_mask"] = got["response_mask"]
     data["advantages"] = _nest(advantages, mask)
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
-    config = build_actor_config("actor_rollout_ref.actor.loss_agg_mode=token-mean")
+    config = config or build_actor_config("actor_rollout_ref.actor.loss_agg_mode=token-mean")
     loss, _ = ppo_loss(config, {"log_probs": log_probs}, data)
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))

@@ -93,7 +93,7 @@ def _tokenizer_files(vocab_size: int) -> str:
     return out
 
 
-def build_tiny_processor(save_dir: str | None = None, vocab_size: int = 512) -> Any:
+def build_tiny_processor(save_dir: str | None = None, vocab_size: int = 512, max_pixels: int = 112 * 112) -> Any:
     """A real ``Qwen2_5_VLProcessor`` built offline.
 
     Images are resized to at most 112×112 pixels (``max_pixels``): a 112×112 image is 8×8 patches of 14 px,
@@ -109,7 +109,7 @@ def build_tiny_processor(save_dir: str | None = None, vocab_size: int = 512) -> 
         model_max_length=32768,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    pixels = dict(min_pixels=28 * 28, max_pixels=112 * 112)
+    pixels = dict(min_pixels=28 * 28, max_pixels=max_pixels)
     image_processor = Qwen2VLImageProcessor(**pixels)
     video_processor = Qwen2VLVideoProcessor(**pixels)
     processor = Qwen2_5_VLProcessor(
@@ -185,9 +185,13 @@ def build_tiny_qwen2_5_vl(seed: int = 0, processor: Any | None = None, **overrid
     return model.eval()
 
 
-def save_tiny_checkpoint(path: str, seed: int = 0, **overrides: Any) -> str:
-    """Write processor + model to ``path`` (``save_pretrained``), loadable like a hub checkpoint."""
-    processor = build_tiny_processor(save_dir=path)
+def save_tiny_checkpoint(path: str, seed: int = 0, max_pixels: int = 112 * 112, **overrides: Any) -> str:
+    """Write processor + model to ``path`` (``save_pretrained``), loadable like a hub checkpoint.
+
+    Load the processor back with ``verl.utils.hf_processor(path)``: verl binds ``get_rope_index`` to it, without
+    which verl's rows fall back to 1-D text position ids.
+    """
+    processor = build_tiny_processor(save_dir=path, max_pixels=max_pixels)
     model = build_tiny_qwen2_5_vl(seed=seed, processor=processor, **overrides)
     model.save_pretrained(path)
     return path
