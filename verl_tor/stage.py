@@ -122,7 +122,9 @@ class ToRStage:
         t0 = time.perf_counter()
         selection = select_tor_tokens(entropy, sensitivity, response_mask, cfg, index=index, step=step)
         weights, tor_metrics = selection.weights * response_mask, dict(selection.metrics)  # (B, T)
-        tor_metrics[M.NO_IMAGE_FRAC] = float((~has_image).float().mean().item()) if len(keys) else 0.0
+        # over real trajectories: verl's dp-padding rows (response_mask all 0, no image) would inflate it
+        real = response_mask.any(dim=1)
+        tor_metrics[M.NO_IMAGE_FRAC] = float((~has_image & real).sum() / real.sum()) if bool(real.any()) else 0.0
 
         lengths = response_mask.sum(dim=1)
         if cfg.apply == "advantage":
