@@ -231,3 +231,23 @@ def test_build_stage_wires_the_actor_scorer_and_transfer_queue():
 
     with pytest.raises(ToRConfigError, match="no multimodal processor"):
         build_stage(trainer)
+
+
+def test_build_stage_scores_with_the_reference_policy_when_asked(tiny_processor):
+    from verl_tor.trainer import build_stage
+
+    class WG:
+        def compute_log_prob(self, meta):
+            raise AssertionError("not called here")
+
+        def compute_ref_log_prob(self, meta):
+            raise AssertionError("not called here")
+
+    trainer = make_trainer("tor.enable=true", "tor.scorer_policy=ref", "actor_rollout_ref.actor.use_kl_loss=true")
+    trainer.actor_rollout_wg, trainer.ref_policy_wg, trainer.processor = WG(), WG(), tiny_processor
+    trainer.ref_in_actor = False
+    stage = build_stage(trainer)
+    assert stage.score.__func__ is WG.compute_ref_log_prob and stage.extra_meta == {}
+    trainer.ref_in_actor = True  # LoRA: the reference is the actor without its adapter
+    stage = build_stage(trainer)
+    assert stage.score.__func__ is WG.compute_log_prob and stage.extra_meta == {"no_lora_adapter": True}
