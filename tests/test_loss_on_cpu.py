@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from tensordict import TensorDict
@@ -19,24 +17,16 @@ def nested(rows):
 
 @pytest.fixture(scope="module")
 def actor_config():
-    import verl
-    from hydra import compose, initialize_config_dir
-    from verl.utils.config import omega_conf_to_dataclass
+    from verl_tor.testing import build_actor_config
 
-    with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
-        cfg = compose(
-            "ppo_trainer",
-            overrides=[
-                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
-                "actor_rollout_ref.actor.clip_ratio_low=0.2",
-                "actor_rollout_ref.actor.clip_ratio_high=0.28",  # DAPO clip-higher
-                "actor_rollout_ref.actor.loss_agg_mode=token-mean",
-                "actor_rollout_ref.actor.use_kl_loss=true",
-                "actor_rollout_ref.actor.kl_loss_coef=0.01",
-                "actor_rollout_ref.actor.kl_loss_type=low_var_kl",
-            ],
-        )
-    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    return build_actor_config(
+        "actor_rollout_ref.actor.clip_ratio_low=0.2",
+        "actor_rollout_ref.actor.clip_ratio_high=0.28",  # DAPO clip-higher
+        "actor_rollout_ref.actor.loss_agg_mode=token-mean",
+        "actor_rollout_ref.actor.use_kl_loss=true",
+        "actor_rollout_ref.actor.kl_loss_coef=0.01",
+        "actor_rollout_ref.actor.kl_loss_type=low_var_kl",
+    )
 
 
 def make_batch(seed=0):
