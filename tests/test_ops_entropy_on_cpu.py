@@ -108,9 +108,10 @@ def test_top_p_one_equals_full_entropy(chunk_size):
 @pytest.mark.parametrize("levels", [(2, 8, 32), (4,), (1000,), ()])
 def test_escalating_topk_levels_are_exact(monkeypatch, levels):
     # Tiny levels against a 100-token vocabulary exercise every path at test scale: rows done at the first level,
-    # rows escalated, rows whose lower bound skips a level, and rows left for the full sort (the real levels are
-    # 256 / 4096 / 32768 against 151,936 tokens).
+    # rows escalated, rows whose lower bound skips a level, and rows left for the full sort, sorted a slice at a
+    # time (the real levels are 256 / 4096 / 32768 against 151,936 tokens).
     monkeypatch.setattr(entropy_module, "_TOP_P_CANDIDATES", levels)
+    monkeypatch.setattr(entropy_module, "_SORT_ROWS", 3)  # the full sort in slices of 3 rows (real: 32)
     logits = random_logits(40, 100, seed=3)
     for top_p in (0.5, 0.95):
         got = compute_top_p_entropy_from_logits(logits, top_p, chunk_size=16)

@@ -168,9 +168,12 @@ def test_ratio_count_is_exact_where_float_rounding_would_overshoot():
     assert count_top_fraction(0.3, 10) == 3
     cases = {(0.1, 10): 1, (0.7, 10): 7, (0.14, 50): 7, (0.3, 11): 4, (0.29, 100): 29, (0.57, 100): 57, (0.3, 0): 0}
     cases.update({(1 / 3, 3): 1, (0.0, 17): 0, (1.0, 17): 17, (0.3, 25_165_824): 7_549_748})
+    cases.update({(1e-9, 1): 1, (1e-9, 10**9): 1, (1e-9, 10**9 + 1): 2, (1 - 1e-12, 10): 10})
     for (ratio, n), want in cases.items():
         assert count_top_fraction(ratio, n) == want, (ratio, n)
     n = torch.arange(0, 2000)
+    assert count_top_fraction(1e-9, n).tolist() == [min(int(i), 1) for i in n]
+    assert count_top_fraction(1e-300, n).tolist() == [min(int(i), 1) for i in n]  # beyond int64: python ints
     for ratio in (0.0, 0.1, 0.2, 0.3, 0.35, 0.5, 0.7, 0.95, 1.0):
         got = count_top_fraction(ratio, n)
         assert got.dtype == torch.int64

@@ -4,9 +4,10 @@ ToR keeps the top ρ of valid response tokens by a score (entropy for T_r, visua
 Three requirements shape this module:
 
 - **Exact counts.** Every scope gets exactly ceil(ρ·N) of its N valid tokens, with ceil computed on the ratio as a
-  rational (``count_top_fraction``), so 0.3·10 is 3, not float64's 3.0000000000000004 → 4.
-- **Scale.** A 512×12 rollout batch of 4096-token responses has 25M tokens; ``torch.quantile`` refuses inputs above
-  2^24 elements, and a full sort of 25M floats takes seconds on a CPU. The batch scope finds the cut in linear time
+  rational (``count_top_fraction``): in floats, ceil(0.07·100) is 8 (float64) and ceil(0.3·50) is 16 (float32).
+- **Scale.** A 512×12 rollout batch of 4096-token responses has 25M tokens; ``torch.quantile`` refused inputs above
+  2^24 elements until pytorch#187574 (torch 2.14 accepts them, older ones do not), and a full sort of 25M floats
+  takes seconds on a CPU. The batch scope finds the cut in linear time
   (a sampled bracket, then ``torch.kthvalue`` on the few values inside it) and the sequence/group scopes use one
   segmented sort on 64-bit composite keys (segment id, score).
 - **Unbiased ties.** Top-p entropy gives many exact zeros, so the cut often falls inside a block of equal scores.
@@ -39,10 +40,6 @@ __all__ = [
 
 _SCOPES = CHOICES["scope"]
 
-_RATIO_MAX_DENOMINATOR = 1 << 20
-"""ρ is read as the nearest fraction a/b with b <= 2^20 (0.3 -> 3/10 exactly; any ratio typed with up to 6 decimals
-is exact), then ceil(a·N/b) is integer arithmetic: no float noise, and a·N stays far inside int64."""
-
 _EXACT_KTH_BELOW = 1 << 20
 """Below this many elements the cut is a plain ``kthvalue``; above it, a sampled bracket skips most of the work."""
 
@@ -57,7 +54,7 @@ def count_top_fraction(ratio: float, n: int | torch.Tensor) -> int | torch.Tenso
     """ceil(ρ·N), exactly: how many tokens a scope with N valid tokens selects.
 
     Args:
-        ratio: ρ in [0, 1]; read as the nearest fraction with denominator <= 2^20 (see ``_RATIO_MAX_DENOMINATOR``).
+        ratio: ρ in [0, 1], taken as the shortest decimal that prints as it (the number that was typed).
         n: N, a non-negative python int or an integer tensor of per-scope counts, any shape.
 
     Returns:
@@ -66,12 +63,17 @@ def count_top_fraction(ratio: float, n: int | torch.Tensor) -> int | torch.Tenso
     ratio = float(ratio)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio={ratio!r} is invalid. Fix: give a fraction in [0, 1].")
-    frac = Fraction(ratio).limit_denominator(_RATIO_MAX_DENOMINATOR)
+    # The shortest decimal that prints as this float (python's repr) is the number that was typed: 0.1 -> 1/10,
+    # whereas the float's binary value is a hair above 1/10 and would give ceil(0.1·10) = 2.
+    frac = Fraction(repr(ratio))
     a, b = frac.numerator, frac.denominator
-    if isinstance(n, torch.Tensor):
-        n = n.long()
+    if not isinstance(n, torch.Tensor):
+        return (int(n) * a + b - 1) // b
+    n = n.long()
+    if n.numel() == 0 or a * max(int(n.max()), 1) + b < (1 << 63):  # int64 cannot overflow
         return (n * a + (b - 1)) // b  # ceil for n >= 0
-    return (int(n) * a + b - 1) // b
+    counts = [(int(m) * a + b - 1) // b for m in n.reshape(-1).tolist()]  # python ints: exact for any size
+    return torch.tensor(counts, dtype=torch.long, device=n.device).reshape(n.shape)
 
 
 def build_segments(
@@ -91,8 +93,8 @@ def build_segments(
         device: where the returned ids live.
 
     Returns:
-        ``row_segment`` ``(B,)`` int64 in [0, S) (groups numbered by first appearance) and ``S``, the number of
-        scopes (0 for an empty batch).
+        ``row_segment`` ``(B,)`` int64 in [0, S) and ``S``, the number of scopes (0 for an empty batch). Groups
+        are numbered by first appearance (lists, numpy arrays) or by sorted value (tensors).
     """
     if scope == "batch":
         return torch.zeros(batch_size, dtype=torch.long, device=device), min(batch_size, 1)
@@ -164,7 +166,7 @@ def select_top_k_per_segment(
     Args:
         scores: ``(B, T)`` per-token score, any float dtype (compared in float32).
         response_mask: ``(B, T)`` bool or 0/1, valid response tokens.
-        k: ``(S,)`` int, tokens to select per scope; clipped to [0, valid tokens of the scope].
+        k: ``(S,)`` int tensor (or an int when S = 1), tokens to select per scope; clipped to [0, N_s].
         row_segment: ``(B,)`` int64 scope id of each row, in [0, S) (from ``build_segments``).
         seed, generator: tie-breaking randomness, as in ``select_top_fraction``.
 
@@ -178,7 +180,7 @@ def select_top_k_per_segment(
     if row_segment.shape != (scores.shape[0],):
         raise ValueError(f"row_segment has shape {tuple(row_segment.shape)}; expected ({scores.shape[0]},)")
     row_segment = row_segment.to(device=scores.device, dtype=torch.long)
-    k = k.to(device=scores.device, dtype=torch.long).reshape(-1)
+    k = torch.as_tensor(k, dtype=torch.long, device=scores.device).reshape(-1)
     if row_segment.numel() and int(row_segment.max()) >= k.numel():
         raise ValueError(f"row_segment refers to scope {int(row_segment.max())} but k has {k.numel()} entries")
     # Masked tokens become -inf: then the k-th largest of a whole row/batch is the k-th largest valid score (k <= N),
