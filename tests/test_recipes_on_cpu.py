@@ -1,0 +1,148 @@
+"""Every recipe's full command line composes through hydra and verl's validate_config (plugin loaded); baseline
+and ToR scripts differ only in ToR flags; shellcheck is clean."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "recipes").glob("qwen2_5_vl_*_geo3k/*.sh"))
+NAMES = {
+    "grpo",
+    "grpo_tor",
+    "dapo",
+    "dapo_tor",
+    "grpo_tor_reasoning_only",
+    "grpo_tor_perception_only",
+    "grpo_tor_random",
+}
+
+
+def dry_run(script: Path, *extra: str) -> list[str]:
+    env = {**os.environ, "VERL_TOR_DRY_RUN": "1", "DATA_DIR": "/data/geo3k"}
+    proc = subprocess.run(["bash", str(script), *extra], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()
+
+
+def compose(argv: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    assert argv[:3] == ["python3", "-m", "verl.trainer.main_ppo"], argv[:3]
+    config_path = argv[3].split("=", 1)[1]
+    config_name = argv[4].split("=", 1)[1]
+    with initialize_config_dir(config_dir=config_path, version_base=None):
+        return hydra_compose(config_name, overrides=argv[5:])
+
+
+@pytest.fixture(scope="module")
+def composed():
+    import verl  # noqa: F401  - loads the plugin (wraps validate_config)
+
+    return {script: compose(dry_run(script)) for script in SCRIPTS}
+
+
+def test_every_model_has_every_arm():
+    by_model: dict[str, set[str]] = {}
+    for script in SCRIPTS:
+        by_model.setdefault(script.parent.name, set()).add(script.stem)
+    assert set(by_model) == {"qwen2_5_vl_7b_geo3k", "qwen2_5_vl_3b_geo3k"}
+    assert all(names == NAMES for names in by_model.values())
+
+
+def test_every_script_validates_through_verl(composed):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    assert validate_config.__verl_tor__
+    for script, cfg in composed.items():
+        validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+        assert cfg.actor_rollout_ref.rollout.n == 12 and cfg.data.train_batch_size == 512, script
+        assert cfg.actor_rollout_ref.actor.ppo_mini_batch_size == 128 and cfg.actor_rollout_ref.actor.optim.lr == 1e-6
+        assert cfg.data.max_response_length == 2048 and cfg.trainer.total_epochs == 15
+        assert cfg.data.train_files == "/data/geo3k/train.parquet"
+
+
+def flat(cfg) -> dict:
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return out
+
+
+@pytest.mark.parametrize("model", ["qwen2_5_vl_7b_geo3k", "qwen2_5_vl_3b_geo3k"])
+@pytest.mark.parametrize(
+    ("base", "tor"),
+    [
+        ("grpo", "grpo_tor"),
+        ("dapo", "dapo_tor"),
+        ("grpo", "grpo_tor_reasoning_only"),
+        ("grpo", "grpo_tor_perception_only"),
+        ("grpo", "grpo_tor_random"),
+    ],
+)
+def test_baseline_and_tor_differ_only_in_tor_flags(composed, model, base, tor):
+    a = flat(composed[ROOT / "recipes" / model / f"{base}.sh"])
+    b = flat(composed[ROOT / "recipes" / model / f"{tor}.sh"])
+    diff = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    allowed = {"trainer.v1.trainer_mode", "trainer.experiment_name"} | {k for k in diff if k.startswith("tor.")}
+    assert diff <= allowed, diff - allowed
+    assert a["tor.enable"] is False and b["tor.enable"] is True
+    assert (a["trainer.v1.trainer_mode"], b["trainer.v1.trainer_mode"]) == ("sync", "tor_sync")
+
+
+def test_algorithms_map_to_the_paper_settings(composed):
+    grpo = composed[ROOT / "recipes" / "qwen2_5_vl_7b_geo3k" / "grpo_tor.sh"]
+    dapo = composed[ROOT / "recipes" / "qwen2_5_vl_7b_geo3k" / "dapo_tor.sh"]
+    actor = grpo.actor_rollout_ref.actor
+    assert actor.use_kl_loss and actor.kl_loss_coef == 0.01 and actor.kl_loss_type == "low_var_kl"
+    actor = dapo.actor_rollout_ref.actor
+    assert not actor.use_kl_loss and (actor.clip_ratio_low, actor.clip_ratio_high) == (0.2, 0.28)
+    assert actor.loss_agg_mode == "token-mean"
+    assert dapo.algorithm.filter_groups.enable and dapo.algorithm.filter_groups.metric == "acc"
+    assert dapo.reward.reward_manager.name == "dapo" and dapo.reward.reward_kwargs.overlong_buffer_cfg.enable
+    assert grpo.actor_rollout_ref.rollout.name == "vllm" and grpo.actor_rollout_ref.actor.strategy == "fsdp2"
+
+
+def test_overrides_and_env_reach_the_command():
+    argv = dry_run(ROOT / "recipes" / "qwen2_5_vl_3b_geo3k" / "grpo_tor.sh", "tor.perception_weight=1.0")
+    assert argv[-1] == "tor.perception_weight=1.0"
+    env = {**os.environ, "VERL_TOR_DRY_RUN": "1", "NNODES": "4", "MODEL_PATH": "/ckpt/m"}
+    out = subprocess.run(
+        ["bash", str(ROOT / "recipes/qwen2_5_vl_7b_geo3k/dapo.sh")], capture_output=True, text=True, env=env
+    )
+    assert "trainer.nnodes=4" in out.stdout.splitlines() and "actor_rollout_ref.model.path=/ckpt/m" in out.stdout
+
+
+def test_typo_in_an_override_is_caught():
+    from hydra.errors import ConfigCompositionException
+
+    argv = dry_run(ROOT / "recipes" / "qwen2_5_vl_7b_geo3k" / "grpo.sh", "actor_rollout_ref.actor.kl_los_coef=0.1")
+    with pytest.raises(ConfigCompositionException):
+        compose(argv)
+
+
+def test_shellcheck_is_clean():
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is required (scripts/dev.sh installs Debian's shellcheck)"
+    files = [str(p) for p in SCRIPTS] + [
+        str(ROOT / "recipes" / "common.sh"),
+        str(ROOT / "scripts" / "dev.sh"),
+        str(ROOT / ".ci" / "run"),
+    ]
+    proc = subprocess.run([shellcheck, "-x", *files], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout
