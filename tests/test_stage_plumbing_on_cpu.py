@@ -16,7 +16,9 @@ def make_rows(lengths):
         rows.append(
             {
                 "input_ids": ids,
-                "position_ids": torch.stack([torch.arange(n), torch.arange(n), torch.arange(n) * 2, torch.arange(n) * 3]),
+                "position_ids": torch.stack(
+                    [torch.arange(n), torch.arange(n), torch.arange(n) * 2, torch.arange(n) * 3]
+                ),
                 "multi_modal_inputs": {"image_grid_thw": torch.tensor([[1, 2, 2]])} if i % 2 == 0 else {},
                 "uid": f"u{i // 2}",
             }
@@ -70,4 +72,6 @@ def test_response_slicing_matches_verl_convention():
     got = _response_padded(seq, mask, width=5)
     assert got.shape == (2, 5)
     assert torch.equal(got[:, :3], want)
-    assert torch.equal(got[0, :3], torch.tensor([2.0, 3.0, 4.0])) and torch.equal(got[1, :2], torch.tensor([11.0, 12.0]))
+    assert torch.equal(got[0, :3], torch.tensor([2.0, 3.0, 4.0])) and torch.equal(
+        got[1, :2], torch.tensor([11.0, 12.0])
+    )
