@@ -72,8 +72,9 @@ class ToRConfig:
     entropy: str = "full"
     """Entropy used to rank reasoning tokens: ``full`` (full-vocabulary entropy, which verl's old-log-prob pass
     already returns for free) or ``top_p`` (the paper's entropy of the top-p truncated, renormalised distribution;
-    needs logits, so it costs an engine hook and ``use_fused_kernels=False``). Default ``full``: the truncation
-    changes the ranking only among low-entropy tokens, which are not selected at ρ_r=0.3 (see README)."""
+    needs logits, so it costs an engine hook and ``use_fused_kernels=False``). Default ``full`` (not the paper's):
+    it is free, and on LLM-like distributions both select ~99% the same T_r at ρ_r=0.3
+    (``benchmarks/bench_entropy_agreement.py``); use ``top_p`` for the paper's exact definition."""
 
     entropy_top_p: float = 0.95
     """p of the top-p truncation when ``entropy=top_p``: keep the smallest set of tokens whose cumulative
