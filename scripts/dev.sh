@@ -19,7 +19,7 @@ ensure_venv() {
   echo "[dev.sh] installing into $VENV (first run takes ~2 min)" >&2
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints/cpu.txt -e ".[test,viz]"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints/cpu.txt -e ".[test]"
   echo "$want" > "$stamp"
 }
 
