@@ -89,10 +89,26 @@ def setup(size: str, rollouts: int, response_length: int, image_size: int, seed:
     return model, processor, rows, keys, store, ToRConfig(enable=True)
 
 
+def prepare(model, processor, rows, keys, store, cfg) -> None:
+    """What the later phases need from the old pass (old_log_probs, entropy); run before any measurement."""
+    from tensordict import TensorDict
+    from verl.workers.utils.padding import response_from_nested
+
+    from verl_tor.testing import KVMeta, LocalLogProbScorer
+
+    scorer = LocalLogProbScorer.for_model(store, model)
+    scorer(KVMeta(keys=keys, partition_id="train", extra_info={"calculate_entropy": True, "temperature": 1.0}))
+    got = store.kv_batch_get(keys, "train", ["log_probs", "entropy", "response_mask"])
+    fields = {
+        "old_log_probs": response_from_nested(got["log_probs"], got["response_mask"]),
+        "entropy": response_from_nested(got["entropy"], got["response_mask"]),
+    }
+    store.kv_batch_put(keys, "train", fields=TensorDict(fields, batch_size=len(keys)))
+
+
 def run_phase(phase: str, model, processor, rows, keys, store, cfg) -> float:
     import torch
     from tensordict import TensorDict
-    from verl.workers.utils.padding import response_from_nested
 
     from verl_tor.demo import _loss_step, _nest
     from verl_tor.stage import ToRStage, make_view_builder
@@ -100,14 +116,6 @@ def run_phase(phase: str, model, processor, rows, keys, store, cfg) -> float:
 
     scorer = LocalLogProbScorer.for_model(store, model)
     meta = KVMeta(keys=keys, partition_id="train", extra_info={"calculate_entropy": True, "temperature": 1.0})
-    if phase != "old_pass":  # later phases need the old pass's outputs; not timed
-        scorer(meta)
-        got = store.kv_batch_get(keys, "train", ["log_probs", "entropy", "response_mask"])
-        fields = {
-            "old_log_probs": response_from_nested(got["log_probs"], got["response_mask"]),
-            "entropy": response_from_nested(got["entropy"], got["response_mask"]),
-        }
-        store.kv_batch_put(keys, "train", fields=TensorDict(fields, batch_size=len(keys)))
     stage = ToRStage(
         config=cfg.replace(apply="loss"),
         score=scorer,
@@ -151,6 +159,8 @@ def child(args) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     state = setup(args.size, args.rollouts, args.response_length, args.image_size)
+    if args.phase != "old_pass":
+        prepare(*state)
     # peak RSS above the loaded model + data, including the first (warm-up) run: later runs reuse its memory
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run_phase(args.phase, *state)  # warm-up

@@ -109,6 +109,10 @@ def test_stage_weights_match_an_independent_computation(tiny_model, tiny_process
     # one image-free call over all rows, no entropy, and nothing left behind
     views = [c for c in scorer.calls if c["partition_id"] == "tor_noimg"]
     assert len(views) == 1 and views[0]["n"] == len(rows) and views[0]["calculate_entropy"] is False
+    # what verl's engine reads of a row, incl. loss_mask (FSDPEngine.forward_backward_batch sums it)
+    assert {"input_ids", "position_ids", "multi_modal_inputs", "prompts", "responses", "loss_mask"} <= views[0][
+        "fields"
+    ]
     assert "tor_noimg" not in store.data
 
 

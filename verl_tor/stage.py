@@ -36,9 +36,11 @@ VIEW_PARTITION = "tor_noimg"
 
 VIEW_KEY_SUFFIX = "@tor_noimg"
 
-# What verl's compute_log_prob reads of a trajectory (engine forward + response slicing). Everything else of
-# the row (rewards, advantages, old log-probs...) is not needed to score the image-free view.
-VIEW_FIELDS = ("prompts", "responses", "response_mask", "input_ids", "attention_mask", "position_ids")
+# What verl's compute_log_prob reads of a trajectory: the engine forward (input_ids, position_ids, multimodal
+# inputs), the response slicing (prompts, responses, response_mask) and FSDPEngine.forward_backward_batch, which
+# sums loss_mask for its token count even when forward-only. Everything else of the row (rewards, advantages,
+# old log-probs...) is not needed to score the image-free view.
+VIEW_FIELDS = ("prompts", "responses", "response_mask", "loss_mask", "input_ids", "attention_mask", "position_ids")
 MULTI_MODAL_FIELD = "multi_modal_inputs"
 
 

@@ -129,8 +129,9 @@ class LocalLogProbScorer:
 
     def compute_log_prob(self, meta: Any) -> KVMeta:
         info = dict(meta.extra_info or {})
-        self.calls.append({"n": len(meta.keys), "partition_id": meta.partition_id, **info})
-        rows = tensordict_to_rows(self.store.kv_batch_get(meta.keys, meta.partition_id))
+        data = self.store.kv_batch_get(meta.keys, meta.partition_id)
+        self.calls.append({"n": len(meta.keys), "partition_id": meta.partition_id, "fields": set(data.keys()), **info})
+        rows = tensordict_to_rows(data)
         temperature = float(info.get("temperature", 1.0))
         want_entropy = bool(info.get("calculate_entropy", False))
         out: dict[str, list] = {"log_probs": []}
@@ -163,7 +164,7 @@ def build_verl_row(processor: Any, prompt_ids: torch.Tensor, response_ids: torch
         images: the PIL images of the prompt (None for a text-only prompt).
     Returns:
         dict with ``prompts``, ``responses``, ``input_ids``, ``attention_mask``, ``position_ids`` (4, L),
-        ``multi_modal_inputs``, ``response_mask``.
+        ``multi_modal_inputs``, ``response_mask``, ``loss_mask``.
     """
     import types
 
@@ -187,6 +188,7 @@ def build_verl_row(processor: Any, prompt_ids: torch.Tensor, response_ids: torch
         "position_ids": position_ids,
         "multi_modal_inputs": multi_modal_inputs,
         "response_mask": torch.ones_like(responses),
+        "loss_mask": torch.ones_like(responses),  # verl: field["loss_mask"] = field["response_mask"]
     }
 
 
