@@ -91,19 +91,9 @@ def setup(size: str, rollouts: int, response_length: int, image_size: int, seed:
 
 def prepare(model, processor, rows, keys, store, cfg) -> None:
     """What the later phases need from the old pass (old_log_probs, entropy); run before any measurement."""
-    from tensordict import TensorDict
-    from verl.workers.utils.padding import response_from_nested
+    from verl_tor.testing import LocalLogProbScorer
 
-    from verl_tor.testing import KVMeta, LocalLogProbScorer
-
-    scorer = LocalLogProbScorer.for_model(store, model)
-    scorer(KVMeta(keys=keys, partition_id="train", extra_info={"calculate_entropy": True, "temperature": 1.0}))
-    got = store.kv_batch_get(keys, "train", ["log_probs", "entropy", "response_mask"])
-    fields = {
-        "old_log_probs": response_from_nested(got["log_probs"], got["response_mask"]),
-        "entropy": response_from_nested(got["entropy"], got["response_mask"]),
-    }
-    store.kv_batch_put(keys, "train", fields=TensorDict(fields, batch_size=len(keys)))
+    LocalLogProbScorer.for_model(store, model).compute_old_log_prob(keys)
 
 
 def run_phase(phase: str, model, processor, rows, keys, store, cfg) -> float:

@@ -51,19 +51,12 @@ def run_stage(tiny_model, tiny_processor, batch, cfg):
     store = InMemoryKV()
     store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
     scorer = LocalLogProbScorer.for_model(store, tiny_model)
-    meta = KVMeta(keys=keys, partition_id="train", extra_info={"calculate_entropy": True, "temperature": 1.0})
-    scorer(meta)
-    from verl.workers.utils.padding import response_from_nested
-
-    got = store.kv_batch_get(keys, "train", ["log_probs", "entropy", "response_mask"])
-    fields = {
-        "old_log_probs": response_from_nested(got["log_probs"], got["response_mask"]),
-        "entropy": response_from_nested(got["entropy"], got["response_mask"]),
-        "advantages": response_from_nested(got["log_probs"], got["response_mask"]) * 0 + 1.0,
-    }
+    scorer.compute_old_log_prob(keys)
     from tensordict import TensorDict
 
-    store.kv_batch_put(keys, "train", fields=TensorDict(fields, batch_size=len(keys)))
+    old = store.kv_batch_get(keys, "train", ["old_log_probs"])["old_log_probs"]
+    ones = torch.nested.nested_tensor_from_jagged(torch.ones_like(old.values()), old.offsets())
+    store.kv_batch_put(keys, "train", fields=TensorDict({"advantages": ones}, batch_size=len(keys)))
     stage = ToRStage(
         config=cfg,
         score=scorer,

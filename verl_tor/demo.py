@@ -112,7 +112,6 @@ def build_batch(processor, items: list[dict], responses: list[list[torch.Tensor]
 def run_tor(model, processor, rows: list[dict], keys: list[str], cfg: ToRConfig, progress: bool, advantages=None):
     """Old-policy pass + the real ToR stage over an in-memory store; returns (store, metrics, stage tensors, timing)."""
     from tensordict import TensorDict
-    from verl.workers.utils.padding import response_from_nested
 
     from verl_tor.stage import ToRStage, make_view_builder, rows_to_tensordict
     from verl_tor.testing import InMemoryKV, KVMeta, LocalLogProbScorer
@@ -123,13 +122,7 @@ def run_tor(model, processor, rows: list[dict], keys: list[str], cfg: ToRConfig,
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     for _ in _progress(range(1), "old-policy pass", enabled=progress):
-        scorer(KVMeta(keys=keys, partition_id="train", extra_info={"calculate_entropy": True, "temperature": 1.0}))
-        got = store.kv_batch_get(keys, "train", ["log_probs", "entropy", "response_mask"])
-        fields = {
-            "old_log_probs": response_from_nested(got["log_probs"], got["response_mask"]),
-            "entropy": response_from_nested(got["entropy"], got["response_mask"]),
-        }
-        store.kv_batch_put(keys, "train", fields=TensorDict(fields, batch_size=len(keys)))
+        scorer.compute_old_log_prob(keys)
     timing["old_log_prob"] = time.perf_counter() - t0
     if advantages is not None:
         store.kv_batch_put(keys, "train", fields=TensorDict({"advantages": advantages}, batch_size=len(keys)))

@@ -150,6 +150,21 @@ class LocalLogProbScorer:
 
     __call__ = compute_log_prob
 
+    def compute_old_log_prob(self, keys: list[str], partition_id: str = "train", temperature: float = 1.0) -> None:
+        """verl's ``_compute_old_log_prob`` in-process: score with entropy, store ``old_log_probs`` and ``entropy``
+        per response token (verl's ``response_from_nested``)."""
+        from verl.workers.utils.padding import response_from_nested
+
+        meta = KVMeta(keys=list(keys), partition_id=partition_id, extra_info={"calculate_entropy": True})
+        meta.extra_info.update(compute_loss=False, temperature=temperature)
+        self.compute_log_prob(meta)
+        got = self.store.kv_batch_get(keys, partition_id, ["log_probs", "entropy", "response_mask"])
+        fields = {
+            "old_log_probs": response_from_nested(got["log_probs"], got["response_mask"]),
+            "entropy": response_from_nested(got["entropy"], got["response_mask"]),
+        }
+        self.store.kv_batch_put(keys, partition_id, fields=TensorDict(fields, batch_size=len(keys)))
+
 
 def build_verl_row(processor: Any, prompt_ids: torch.Tensor, response_ids: torch.Tensor, images: list | None) -> dict:
     """One trajectory exactly as verl 0.9.1's agent loop stores it in TransferQueue, built by verl's own code.
