@@ -62,6 +62,21 @@ def test_flag_switches_entropy_to_top_p_for_that_call_only(engine):
     torch.testing.assert_close(again, full)
 
 
+def test_hook_is_idempotent_and_revertible():
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    from verl_tor.engine import install_top_p_entropy_hook, uninstall_top_p_entropy_hook
+
+    wrapped = FSDPEngineWithLMHead.prepare_model_outputs
+    assert install_top_p_entropy_hook() is False  # already installed by the plugin
+    uninstall_top_p_entropy_hook()
+    try:
+        assert not getattr(FSDPEngineWithLMHead.prepare_model_outputs, "__verl_tor__", False)
+    finally:
+        assert install_top_p_entropy_hook() is True
+    assert FSDPEngineWithLMHead.prepare_model_outputs.__wrapped_original__ is wrapped.__wrapped_original__
+
+
 def test_top_p_one_equals_full(engine):
     torch.manual_seed(1)
     logits = torch.randn(1, 6, 40)

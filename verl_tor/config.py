@@ -19,7 +19,7 @@ import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import cache
-from typing import Any, ClassVar
+from typing import Any
 
 __all__ = ["ToRConfig", "ToRConfigError", "CHOICES"]
 
@@ -118,8 +118,6 @@ class ToRConfig:
 
     log_token_maps_rollouts: int = 4
     """How many rollouts each token map renders. Range >= 1."""
-
-    _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = CHOICES
 
     def __post_init__(self) -> None:
         self._validate()

@@ -149,10 +149,6 @@ def check_verl_version() -> str | None:
     return None
 
 
-def is_registered() -> bool:
-    return bool(_INSTALLED) and not _ERRORS
-
-
 def assert_ready() -> None:
     """Raise unless every hook that a ToR run needs is in place (called by the ToR trainer when enabled)."""
     if _VERSION_ERROR is not None:

@@ -234,9 +234,6 @@ def build_stage(trainer: Any):
 def _maybe_token_map_writer(trainer: Any):
     if trainer.tor_config.log_token_maps <= 0:
         return None
-    try:
-        from verl_tor.viz import TrainingTokenMapWriter
-    except ImportError:  # the viz module arrives with the token-map feature
-        logger.warning("tor.log_token_maps is set but verl_tor.viz is unavailable; no token maps will be written")
-        return None
+    from verl_tor.viz import TrainingTokenMapWriter
+
     return TrainingTokenMapWriter.from_trainer(trainer)

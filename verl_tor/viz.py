@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -270,7 +269,3 @@ class TrainingTokenMapWriter:
                 pass
         return path
 
-
-def dump_summary(metrics: dict[str, float], path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
