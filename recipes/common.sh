@@ -31,6 +31,7 @@ ROLLOUT_TP=${ROLLOUT_TP:-1}
 GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:-0.6}
 MAX_TOKENS_PER_GPU=${MAX_TOKENS_PER_GPU:-16384}
 PROJECT_NAME=${PROJECT_NAME:-verl_tor_geo3k}
+LOGGER=${LOGGER:-'["console","wandb"]'}          # '["console"]' without a wandb login
 SAVE_FREQ=${SAVE_FREQ:-20}
 TEST_FREQ=${TEST_FREQ:-5}
 
@@ -73,7 +74,7 @@ run_recipe() {
     actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True
     actor_rollout_ref.ref.log_prob_max_token_len_per_gpu="$MAX_TOKENS_PER_GPU"
     actor_rollout_ref.ref.fsdp_config.param_offload=True
-    trainer.logger='["console","wandb"]'
+    trainer.logger="$LOGGER"
     trainer.project_name="$PROJECT_NAME"
     trainer.experiment_name="$experiment"
     trainer.nnodes="$NNODES"
