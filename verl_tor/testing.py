@@ -26,7 +26,10 @@ __all__ = [
     "InMemoryKV",
     "KVMeta",
     "LocalLogProbScorer",
+    "EngineLogProbScorer",
     "build_actor_config",
+    "build_cpu_engine",
+    "patch_engine_device_helpers",
     "build_verl_row",
     "compute_sequence_log_probs",
 ]
@@ -219,3 +222,67 @@ def build_actor_config(*overrides: str) -> Any:
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         cfg = compose("ppo_trainer", overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1", *overrides])
     return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+
+
+def build_cpu_engine(model: torch.nn.Module) -> Any:
+    """verl's real ``FSDPEngineWithLMHead`` around ``model``, set up for its non-packed path on CPU.
+
+    Only ``forward_step`` / ``prepare_model_inputs`` / ``prepare_model_outputs`` are meant to run: the instance
+    carries the attributes those read (no FSDP wrapping, no process group, float32, no Ulysses). The caller must
+    point verl's device helpers at the CPU (``patch_engine_device_helpers``) and apply verl's model patch
+    (``apply_monkey_patch(model, use_remove_padding=False)``; the packed path needs flash-attn).
+    """
+    import types
+
+    from verl.utils import torch_functional as verl_F
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    engine = FSDPEngineWithLMHead.__new__(FSDPEngineWithLMHead)
+    engine.module = model
+    engine._autocast_dtype = torch.float32
+    engine.use_ulysses_sp = False
+    engine.pad_to_length = False
+    engine.engine_config = types.SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+    engine.compute_entropy_from_logits = verl_F.entropy_from_logits
+    return engine
+
+
+def patch_engine_device_helpers(monkeypatch: Any = None) -> None:
+    """Point ``transformer_impl``'s ``get_device_name`` / ``get_device_id`` at the CPU (verl has no CPU platform)."""
+    import verl.workers.engine.fsdp.transformer_impl as impl
+
+    for name, value in (("get_device_name", lambda: "cpu"), ("get_device_id", lambda: "cpu")):
+        if monkeypatch is not None:
+            monkeypatch.setattr(impl, name, value)
+        else:
+            setattr(impl, name, value)
+
+
+@dataclass
+class EngineLogProbScorer:
+    """``compute_log_prob`` through verl's real ``FSDPEngineWithLMHead.forward_step`` (one micro-batch per call)."""
+
+    store: InMemoryKV
+    engine: Any
+    calls: list[dict] = field(default_factory=list)
+
+    def compute_log_prob(self, meta: Any) -> KVMeta:
+        from verl.utils import tensordict_utils as tu
+
+        info = dict(meta.extra_info or {})
+        data = self.store.kv_batch_get(meta.keys, meta.partition_id)
+        self.calls.append({"n": len(meta.keys), "partition_id": meta.partition_id, "fields": set(data.keys()), **info})
+        tu.assign_non_tensor(
+            data,
+            use_remove_padding=False,
+            calculate_entropy=bool(info.get("calculate_entropy", False)),
+            temperature=float(info.get("temperature", 1.0)),
+        )
+        with torch.no_grad():
+            _, output = self.engine.forward_step(data, loss_function=None, forward_only=True)
+        out = {"log_probs": output["model_output"]["log_probs"]}
+        if info.get("calculate_entropy", False):
+            out["entropy"] = output["model_output"]["entropy"]
+        return self.store.kv_batch_put(meta.keys, meta.partition_id, fields=TensorDict(out, batch_size=len(meta.keys)))
+
+    __call__ = compute_log_prob
