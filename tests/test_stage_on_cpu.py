@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tensordict import TensorDict
 
 from verl_tor.config import ToRConfig
-from verl_tor.stage import ToRStage, make_view_builder, rows_to_tensordict
+from verl_tor.stage import ToRStage, make_view_builder, rows_to_tensordict, tensordict_to_rows
 from verl_tor.testing import InMemoryKV, KVMeta, LocalLogProbScorer, build_verl_row, compute_sequence_log_probs
 
 QUESTIONS = ["Find the area of the rectangle.", "Find the hypotenuse of the right triangle."]
@@ -46,9 +47,10 @@ def batch(tiny_processor, geometry_images):
     return rows, keys, plan
 
 
-def run_stage(tiny_model, tiny_processor, batch, cfg):
+def run_stage(tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMeta):
+    """verl's step up to the ToR stage on ``store`` (default: the in-memory double; or the real ``transfer_queue``)."""
     rows, keys, _ = batch
-    store = InMemoryKV()
+    store = InMemoryKV() if store is None else store
     store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
     scorer = LocalLogProbScorer.for_model(store, tiny_model)
     scorer.compute_old_log_prob(keys)
@@ -56,17 +58,18 @@ def run_stage(tiny_model, tiny_processor, batch, cfg):
 
     old = store.kv_batch_get(keys, "train", ["old_log_probs"])["old_log_probs"]
     ones = torch.nested.nested_tensor_from_jagged(torch.ones_like(old.values()), old.offsets())
-    store.kv_batch_put(keys, "train", fields=TensorDict({"advantages": ones}, batch_size=len(keys)))
+    # the meta verl hands to the stage is the one its last put returned (keys, partition, per-row tags)
+    meta = store.kv_batch_put(keys, "train", fields=TensorDict({"advantages": ones}, batch_size=len(keys)))
     stage = ToRStage(
         config=cfg,
         score=scorer,
-        make_meta=KVMeta,
+        make_meta=make_meta,
         build_view=make_view_builder(cfg, tiny_processor),
         store=store,
         temperature=1.0,
     )
     metrics, timing = {}, {}
-    stage.run(KVMeta(keys=keys, partition_id="train"), metrics, timing, step=3)
+    stage.run(meta, metrics, timing, step=3)
     return store, scorer, metrics
 
 
@@ -130,3 +133,92 @@ def test_reasoning_only_skips_the_image_free_pass(tiny_model, tiny_processor, ba
     _, scorer, metrics = run_stage(tiny_model, tiny_processor, batch, ToRConfig(enable=True, mode="reasoning_only"))
     assert [c["partition_id"] for c in scorer.calls] == ["train"]  # only the old-policy pass of the fixture
     assert metrics.get("tor/perception_frac", 0.0) == 0.0 and metrics["tor/reasoning_frac"] > 0
+
+
+# ---------------------------------------------------------------------- the real TransferQueue
+@pytest.fixture(scope="module")
+def transfer_queue():
+    """verl 0.9.1's TransferQueue (SimpleStorage backend) on a local Ray instance, as the trainer's driver sees it."""
+    import ray
+    import transfer_queue as tq
+    from omegaconf import OmegaConf
+
+    # the controller and each storage unit reserve one logical CPU: 4 logical CPUs on a 2-core machine
+    ray.init(num_cpus=4, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
+    try:
+        tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 2}}}))
+        yield tq
+    finally:
+        tq.close()
+        ray.shutdown()
+
+
+def _tor_outputs(store, keys):
+    got = store.kv_batch_get(keys=keys, partition_id="train", select_fields=["tor_weights", "advantages"])
+    return {name: torch.nested.to_padded_tensor(got[name], 0.0) for name in got.keys()}
+
+
+@pytest.mark.parametrize("apply", ["loss", "advantage"])
+def test_stage_on_the_real_transfer_queue_matches_the_double(tiny_model, tiny_processor, batch, transfer_queue, apply):
+    tq = transfer_queue
+    _, keys, _ = batch
+    cfg = ToRConfig(enable=True, apply=apply, scope="group")
+    double, _, want_metrics = run_stage(tiny_model, tiny_processor, batch, cfg)
+    try:
+        real, scorer, metrics = run_stage(tiny_model, tiny_processor, batch, cfg, tq, tq.KVBatchMeta)
+        want, got = _tor_outputs(double, keys), _tor_outputs(real, keys)
+        assert set(got) == set(want) == ({"tor_weights", "advantages"} if apply == "loss" else {"advantages"})
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+        assert metrics == want_metrics
+        assert [c["partition_id"] for c in scorer.calls] == ["train", "tor_noimg"]
+        assert not tq.kv_list("tor_noimg").get("tor_noimg")  # the image-free rows did not outlive the step
+    finally:
+        tq.kv_clear(keys=keys, partition_id="train")
+
+
+def test_the_double_behaves_like_the_real_transfer_queue(transfer_queue):
+    """The contract InMemoryKV stands in for: ragged tensors, python objects, partial puts, selects, clears."""
+    rows = [
+        {
+            "input_ids": torch.arange(n),
+            "position_ids": torch.arange(4 * n).view(4, n),
+            "uid": f"p{n % 2}",
+            "multi_modal_inputs": {"pixel_values": torch.full((4 * n, 6), float(n))} if n != 4 else {},
+        }
+        for n in (3, 5, 4)
+    ]
+    keys = ["a", "b", "c"]
+    extra = TensorDict(
+        {"old_log_probs": torch.nested.as_nested_tensor([-torch.rand(n) for n in (2, 3)], layout=torch.jagged)},
+        batch_size=2,
+    )
+    results = []
+    for store in (InMemoryKV(), transfer_queue):
+        store.kv_batch_put(keys=keys, partition_id="contract", fields=rows_to_tensordict(rows))
+        store.kv_batch_put(keys=["c", "a"], partition_id="contract", fields=extra)
+        everything = tensordict_to_rows(store.kv_batch_get(keys=keys[::-1], partition_id="contract"))
+        some = store.kv_batch_get(keys=["a", "c"], partition_id="contract", select_fields=["uid", "old_log_probs"])
+        skipped = store.kv_batch_get(keys=["b"], partition_id="contract", select_fields=["input_ids", "values"])
+        common = store.kv_batch_get(keys=["c", "b"], partition_id="contract", select_fields=["uid", "old_log_probs"])
+        store.kv_clear(keys=keys, partition_id="contract")
+        with pytest.raises(ValueError):
+            store.kv_batch_get(keys=["a"], partition_id="contract")
+        results.append((everything, tensordict_to_rows(some), sorted(skipped.keys()), sorted(common.keys())))
+    (want_all, want_some, want_skipped, want_common), (got_all, got_some, got_skipped, got_common) = results
+    # a field missing from any requested sample is left out, not an error
+    assert got_skipped == want_skipped == ["input_ids"]
+    assert got_common == want_common == ["uid"]
+    assert "old_log_probs" not in got_all[0] and "old_log_probs" in got_some[0]
+    for want_rows, got_rows in ((want_all, got_all), (want_some, got_some)):
+        assert [sorted(r) for r in got_rows] == [sorted(r) for r in want_rows]
+        for want, got in zip(want_rows, got_rows):
+            for name, value in want.items():
+                if isinstance(value, torch.Tensor):
+                    torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+                elif isinstance(value, dict):
+                    assert got[name].keys() == value.keys()
+                    for k in value:
+                        torch.testing.assert_close(got[name][k], value[k], rtol=0, atol=0)
+                else:
+                    assert got[name] == value

@@ -71,13 +71,14 @@ class InMemoryKV:
     def kv_batch_get(self, keys, partition_id, select_fields=None) -> TensorDict:
         if isinstance(keys, str):
             keys = [keys]
-        part = self.data[partition_id]
+        part = self.data.get(partition_id, {})
         missing = [k for k in keys if k not in part]
         if missing:
             raise ValueError(f"keys not found in partition {partition_id!r}: {missing[:3]}")
         names = list(part[keys[0]].keys()) if select_fields is None else list(select_fields)
-        # TransferQueue skips fields no sample has (verl asks for optional ones such as "values").
-        names = [n for n in names if n in part[keys[0]]]
+        # TransferQueue returns only the fields every requested sample has, silently (verl asks for optional
+        # ones such as "values"); tests/test_stage_on_cpu.py checks this double against the real one.
+        names = [n for n in names if all(n in part[k] for k in keys)]
         if not names:
             return TensorDict({}, batch_size=len(keys))
         return rows_to_tensordict([{n: part[k][n] for n in names} for k in keys])
