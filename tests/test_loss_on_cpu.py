@@ -139,9 +139,11 @@ def test_wrapper_reweights_other_registered_losses(actor_config, loss_mode):
     import dataclasses
 
     config = dataclasses.replace(
-        actor_config, use_kl_loss=False, policy_loss=dataclasses.replace(
+        actor_config,
+        use_kl_loss=False,
+        policy_loss=dataclasses.replace(
             actor_config.policy_loss, loss_mode=loss_mode, **({"dro_beta": 0.1} if loss_mode == "dro" else {})
-        )
+        ),
     )
     data, log_probs, raw = make_batch(seed=3)
     data[TOR_WEIGHTS_KEY] = nested([torch.zeros(n) for n in RESPONSE_LENS])

@@ -47,14 +47,13 @@ MULTI_MODAL_FIELD = "multi_modal_inputs"
 class KVStore(Protocol):
     """The subset of ``transfer_queue``'s KV interface the stage uses."""
 
-    def kv_batch_get(self, keys: list[str], partition_id: str, select_fields: list[str] | None = None) -> TensorDict:
-        ...
+    def kv_batch_get(
+        self, keys: list[str], partition_id: str, select_fields: list[str] | None = None
+    ) -> TensorDict: ...
 
-    def kv_batch_put(self, keys: list[str], partition_id: str, fields: TensorDict | None = None, tags=None) -> Any:
-        ...
+    def kv_batch_put(self, keys: list[str], partition_id: str, fields: TensorDict | None = None, tags=None) -> Any: ...
 
-    def kv_clear(self, keys: list[str], partition_id: str) -> None:
-        ...
+    def kv_clear(self, keys: list[str], partition_id: str) -> None: ...
 
 
 @dataclass
@@ -134,9 +133,10 @@ class ToRStage:
             out = {"advantages": _to_nested(advantages * weights, lengths, like=data["advantages"])}
         else:
             out = {TOR_WEIGHTS_KEY: _to_nested(weights, lengths, like=data["old_log_probs"])}
-        batch = self.store.kv_batch_put(
-            keys=keys, partition_id=partition, fields=TensorDict(out, batch_size=len(keys))
-        ) or batch
+        batch = (
+            self.store.kv_batch_put(keys=keys, partition_id=partition, fields=TensorDict(out, batch_size=len(keys)))
+            or batch
+        )
         _add_timing(timing_raw, "tor_select", time.perf_counter() - t0)
         metrics.update(tor_metrics)
 

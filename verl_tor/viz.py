@@ -268,4 +268,3 @@ class TrainingTokenMapWriter:
             except ImportError:
                 pass
         return path
-
