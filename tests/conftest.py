@@ -34,3 +34,26 @@ def geometry_images():
     from verl_tor.tiny import render_geometry_image
 
     return [render_geometry_image(seed)[0] for seed in range(3)]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray instance, as verl's driver starts one (workers import verl, hence the plugin, themselves)."""
+    import os
+
+    import ray
+
+    # workers unpickle actor classes defined in test modules, so they import from tests/ too
+    path = os.pathsep.join(p for p in (os.path.dirname(__file__), os.environ.get("PYTHONPATH")) if p)
+    # TransferQueue's controller and each storage unit reserve one logical CPU: 4 logical CPUs on 2 cores
+    ray.init(
+        num_cpus=4,
+        object_store_memory=256 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -152,3 +152,53 @@ def test_wrapper_reweights_other_registered_losses(actor_config, loss_mode):
     data[TOR_WEIGHTS_KEY] = nested([torch.ones(n) for n in RESPONSE_LENS])
     loss1, grad1, _ = run_loss(tor_ppo_loss, config, data, log_probs)
     assert float(grad1.abs().sum()) > 0.0
+
+
+def test_loss_wrapper_reaches_a_verl_ray_worker_through_set_loss_fn(actor_config, ray_cluster):
+    """What ``tor.apply=loss`` does on a cluster: the trainer pickles ``build_tor_loss_fn(actor_config)`` to every
+    actor worker through verl's ONE_TO_ALL ``set_loss_fn``; the worker (which loaded the plugin on ``import verl``)
+    then calls it as verl's engine does. Same loss and gradient as in this process."""
+    from verl.single_controller.base import Worker
+    from verl.single_controller.base.decorator import Dispatch, register
+    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+    from verl_tor.loss import build_tor_loss_fn
+
+    class LossWorker(Worker):  # the two methods ActorRolloutRefWorker / TrainingWorker use
+        @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+        def set_loss_fn(self, loss_fn):
+            self.loss_fn = loss_fn
+
+        @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+        def weighted_loss(self, seed):
+            import sys
+
+            # verl imported its plugins when this worker started; nothing here imported verl_tor.plugin
+            loaded_by_verl = "verl_tor.plugin" in sys.modules
+            from verl_tor import plugin
+
+            data, log_probs, raw = make_batch(seed)
+            data[TOR_WEIGHTS_KEY] = nested(raw["weights"])
+            loss, grad, _ = run_loss(
+                lambda config, out, d: self.loss_fn(model_output=out, data=d), None, data, log_probs
+            )
+            return {"loss": loss, "grad": grad, "loaded_by_verl": loaded_by_verl, "hooks": dict(plugin._INSTALLED)}
+
+    pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1)
+    wg = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=RayClassWithInitArgs(cls=ray_cluster.remote(LossWorker)))
+    wg.set_loss_fn(build_tor_loss_fn(actor_config))
+    (remote,) = wg.weighted_loss(1)
+
+    data, log_probs, raw = make_batch(1)
+    data[TOR_WEIGHTS_KEY] = nested(raw["weights"])
+    loss, grad, _ = run_loss(tor_ppo_loss, actor_config, data, log_probs)
+    torch.testing.assert_close(remote["loss"], loss, rtol=0, atol=0)
+    torch.testing.assert_close(remote["grad"], grad, rtol=0, atol=0)
+    torch.testing.assert_close(loss, hand_loss(raw, weighted=True))
+    assert remote["loaded_by_verl"], "the worker did not load verl_tor through verl's plugin entry point"
+    assert set(remote["hooks"]) == {
+        "register_trainer_mode",
+        "wrap_validate_config",
+        "fix_qwen2_vl",
+        "install_top_p_entropy",
+    }

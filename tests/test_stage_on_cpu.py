@@ -137,20 +137,16 @@ def test_reasoning_only_skips_the_image_free_pass(tiny_model, tiny_processor, ba
 
 # ---------------------------------------------------------------------- the real TransferQueue
 @pytest.fixture(scope="module")
-def transfer_queue():
-    """verl 0.9.1's TransferQueue (SimpleStorage backend) on a local Ray instance, as the trainer's driver sees it."""
-    import ray
+def transfer_queue(ray_cluster):
+    """verl 0.9.1's TransferQueue (SimpleStorage backend) on local Ray, as the trainer's driver sees it."""
     import transfer_queue as tq
     from omegaconf import OmegaConf
 
-    # the controller and each storage unit reserve one logical CPU: 4 logical CPUs on a 2-core machine
-    ray.init(num_cpus=4, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
+    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 2}}}))
     try:
-        tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 2}}}))
         yield tq
     finally:
         tq.close()
-        ray.shutdown()
 
 
 def _tor_outputs(store, keys):
