@@ -107,7 +107,7 @@ def test_training_writer_fires_at_the_configured_interval(tmp_path):
 
     class Tok:
         def decode(self, ids):
-            return f"<{ids[0]}>"
+            return "".join(f"<{i}>" for i in ids)
 
     responses = [torch.arange(5), torch.arange(3)]
     writer = TrainingTokenMapWriter(
@@ -141,3 +141,23 @@ def test_training_writer_fires_at_the_configured_interval(tmp_path):
         "reasoning",
         "none",
     ]
+
+
+def test_token_pieces_keep_multibyte_characters_whole(tiny_processor):
+    from verl_tor.viz import token_pieces
+
+    tokenizer = tiny_processor.tokenizer
+    text = "In △ABC, ∠A = 30°, so BC = 4√3 ≈ 6.93 (π/6) 三角形."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    one_by_one = [tokenizer.decode([i]) for i in ids]
+    assert any("\ufffd" in p for p in one_by_one)  # the tiny BPE splits these characters into byte tokens
+    pieces = token_pieces(tokenizer, ids)
+    assert len(pieces) == len(ids)
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # leading bytes of a split character; the completing token carries the character
+    for char in "△∠°√≈π三":
+        assert char in pieces or any(char in p for p in pieces)
+    # a response cut inside a character keeps one piece per token and still matches the decoded text
+    cut = ids[: ids.index(next(i for i, p in zip(ids, pieces) if p == "")) + 1]
+    assert "".join(token_pieces(tokenizer, cut)) == tokenizer.decode(cut)

@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["TokenMapRollout", "classify_tokens", "render_token_map", "render_histogram_svg", "TrainingTokenMapWriter"]
+__all__ = [
+    "TokenMapRollout",
+    "classify_tokens",
+    "render_token_map",
+    "render_histogram_svg",
+    "token_pieces",
+    "TrainingTokenMapWriter",
+]
 
 CLASSES = ("both", "reasoning", "perception", "none")
 COLORS = {"both": "#b15cff", "reasoning": "#ff8c42", "perception": "#3fa7f5", "none": "transparent"}
@@ -95,7 +102,7 @@ h1{font-size:20px} h2{font-size:16px;margin-top:28px}
 .response{font-family:ui-monospace,monospace;font-size:14px;line-height:1.9;white-space:pre-wrap;clear:both}
 .tok{border-radius:2px;padding:1px 0}
 .tok.reasoning{background:#ffd2b0} .tok.perception{background:#bfe3ff} .tok.both{background:#e3c2ff}
-.tok.none{color:#777}
+.tok.none{color:#777} .tok.partial{display:inline-block;min-width:3px;height:1em;vertical-align:middle}
 table.summary td,table.summary th{padding:2px 10px;text-align:left;font-size:13px}
 .hists svg{margin-right:16px;border:1px solid #eee}
 """
@@ -142,6 +149,8 @@ def render_token_map(
         spans = []
         for tok, cls, e, s, w in zip(r.tokens, classes, r.entropy, r.sensitivity, r.weight):
             tip = f"entropy {e:.3f} | |Δlog p| {s:.3f} | weight {w:.2f}"
+            if not tok:  # the first bytes of a character completed by a later token: a thin hoverable mark
+                cls, tip = f"{cls} partial", tip + " | part of a multi-byte character"
             spans.append(
                 f"<span class='tok {cls}' data-entropy='{e:.4f}' data-sensitivity='{s:.4f}' "
                 f"data-weight='{w:.2f}' title='{html.escape(tip, quote=True)}'>{html.escape(tok)}</span>"
@@ -149,6 +158,29 @@ def render_token_map(
         parts.append(f"<div class='response'>{''.join(spans)}</div></div>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The text each token adds to the decoded response; ``"".join(pieces) == tokenizer.decode(ids)``.
+
+    Decoding tokens one by one breaks byte-level BPE: a character spread over several byte tokens (``°``, ``∠``,
+    ``√``, CJK) comes out as ``\ufffd`` pieces. Here each token gets the text that becomes final once it is
+    appended (incremental detokenization, as vLLM's detokenizer does), so the whole character lands on the token
+    that completes it and the tokens before it get ``""``.
+    """
+    pieces: list[str] = []
+    prefix, read = 0, 0  # text of ids[prefix:read] is final; ids[read:] is pending
+    for end in range(1, len(ids) + 1):
+        before = tokenizer.decode(ids[prefix:read])
+        now = tokenizer.decode(ids[prefix:end])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            pieces.append(now[len(before) :])
+            prefix, read = read, end
+        else:
+            pieces.append("")
+    if len(ids) and read < len(ids):  # trailing incomplete bytes: show what the tokenizer gives for them
+        pieces[-1] = tokenizer.decode(ids[prefix:])[len(tokenizer.decode(ids[prefix:read])) :]
+    return pieces
 
 
 def image_to_png_bytes(image: Any) -> bytes | None:
@@ -180,7 +212,7 @@ def build_rollouts(
         n = len(ids)
         out.append(
             TokenMapRollout(
-                tokens=[tokenizer.decode([t]) for t in ids],
+                tokens=token_pieces(tokenizer, ids),
                 entropy=entropy[i, :n].tolist(),
                 sensitivity=(sensitivity[i, :n] if sensitivity is not None else torch.zeros(n)).tolist(),
                 weight=weights[i, :n].tolist(),
