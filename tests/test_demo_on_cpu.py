@@ -102,7 +102,7 @@ def test_token_map_renders_in_headless_chromium(demo, tmp_path):
     assert image.size == (1000, 900) and colors is not None and len(colors) > 50, "blank screenshot"
 
 
-def test_training_writer_fires_at_the_configured_interval(tmp_path):
+def _writer_and_tensors(out_dir, use_wandb=False):
     from verl_tor.viz import TrainingTokenMapWriter
 
     class Tok:
@@ -113,10 +113,10 @@ def test_training_writer_fires_at_the_configured_interval(tmp_path):
     writer = TrainingTokenMapWriter(
         every=2,
         n_rollouts=2,
-        out_dir=str(tmp_path),
+        out_dir=str(out_dir),
         tokenizer=Tok(),
         read_responses=lambda keys: responses,
-        use_wandb=False,
+        use_wandb=use_wandb,
     )
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     tensors = {
@@ -128,6 +128,11 @@ def test_training_writer_fires_at_the_configured_interval(tmp_path):
         "response_mask": mask,
         "thresholds": {"entropy": 0.5, "sensitivity": 0.2},
     }
+    return writer, tensors
+
+
+def test_training_writer_fires_at_the_configured_interval(tmp_path):
+    writer, tensors = _writer_and_tensors(tmp_path)
     written = [writer(step=s, keys=["a", "b"], tensors=tensors) for s in range(1, 6)]
     assert [w is not None for w in written] == [False, True, False, True, False]
     page = classes_from_html(written[1])
@@ -161,3 +166,22 @@ def test_token_pieces_keep_multibyte_characters_whole(tiny_processor):
     # a response cut inside a character keeps one piece per token and still matches the decoded text
     cut = ids[: ids.index(next(i for i, p in zip(ids, pieces) if p == "")) + 1]
     assert "".join(token_pieces(tokenizer, cut)) == tokenizer.decode(cut)
+
+
+def test_training_writer_logs_the_map_to_wandb(tmp_path, monkeypatch):
+    """With wandb among verl's loggers the page goes to the run as HTML media (offline run, no login)."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    writer, tensors = _writer_and_tensors(tmp_path / "maps", use_wandb=True)
+    run = wandb.init(project="verl_tor_test", dir=str(tmp_path), mode="offline")
+    try:
+        wandb.log({"tor/weight_mean": 0.3}, step=1)  # verl's tracking logs the previous step first
+        path = writer(step=2, keys=["a", "b"], tensors=tensors)
+    finally:
+        run.finish()
+    media = list(tmp_path.glob("wandb/offline-run-*/files/media/html/tor/token_map_*.html"))
+    assert len(media) == 1, sorted(str(p) for p in tmp_path.rglob("*.html"))
+    assert media[0].read_text(encoding="utf-8").count("<span class='tok") == Path(path).read_text(
+        encoding="utf-8"
+    ).count("<span class='tok")
