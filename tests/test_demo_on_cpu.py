@@ -171,6 +171,7 @@ def test_token_pieces_keep_multibyte_characters_whole(tiny_processor):
 def test_training_writer_logs_the_map_to_wandb(tmp_path, monkeypatch):
     """With wandb among verl's loggers the page goes to the run as HTML media (offline run, no login)."""
     import wandb  # a verl dependency
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     writer, tensors = _writer_and_tensors(tmp_path / "maps", use_wandb=True)
