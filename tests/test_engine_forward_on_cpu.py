@@ -146,4 +146,5 @@ def test_stage_through_verl_engine_forward_matches_independent_weights():
     assert result["old_log_prob_max_err"] < 1e-4  # verl's engine forward == plain HF forward on the same rows
     assert result["weights_equal"], result
     assert result["selected"] > 0 and abs(result["no_image_frac"] - 0.2) < 1e-6
-    assert {"input_ids", "position_ids", "loss_mask", "multi_modal_inputs"} <= set(result["view_fields"])
+    assert {"input_ids", "position_ids", "loss_mask"} <= set(result["view_fields"])
+    assert "multi_modal_inputs" not in result["view_fields"]  # `remove`: no pixels in the image-free rows

@@ -106,9 +106,10 @@ def test_stage_weights_match_an_independent_computation(tiny_model, tiny_process
     views = [c for c in scorer.calls if c["partition_id"] == "tor_noimg"]
     assert len(views) == 1 and views[0]["n"] == len(rows) and views[0]["calculate_entropy"] is False
     # what verl's engine reads of a row, incl. loss_mask (FSDPEngine.forward_backward_batch sums it)
-    assert {"input_ids", "position_ids", "multi_modal_inputs", "prompts", "responses", "loss_mask"} <= views[0][
-        "fields"
-    ]
+    assert {"input_ids", "position_ids", "prompts", "responses", "loss_mask"} <= views[0]["fields"]
+    # `remove` finds images by their tokens: the pixels stay in TransferQueue, off the driver and the view rows
+    assert "multi_modal_inputs" not in views[0]["fields"]
+    assert not [fields for _, fields in store.gets if fields and "multi_modal_inputs" in fields]
     assert "tor_noimg" not in store.data
 
 
@@ -116,7 +117,10 @@ def test_stage_weights_match_an_independent_computation(tiny_model, tiny_process
 def test_other_views_run_and_differ_from_remove(tiny_model, tiny_processor, batch, view):
     base = ToRConfig(enable=True, apply="loss")
     _, _, m_remove = run_stage(tiny_model, tiny_processor, batch, base)
-    _, _, m_view = run_stage(tiny_model, tiny_processor, batch, base.replace(image_view=view))
+    store, scorer, m_view = run_stage(tiny_model, tiny_processor, batch, base.replace(image_view=view))
+    assert any(p == "train" and f and "multi_modal_inputs" in f for p, f in store.gets)
+    (view_call,) = [c for c in scorer.calls if c["partition_id"] == "tor_noimg"]
+    assert "multi_modal_inputs" in view_call["fields"]  # the blank / noisy pixels
     assert m_view["tor/sensitivity_mean/selected"] != pytest.approx(m_remove["tor/sensitivity_mean/selected"])
     assert m_view["tor/reasoning_frac"] == pytest.approx(m_remove["tor/reasoning_frac"])  # entropy side unchanged
 

@@ -170,7 +170,9 @@ class ToRStage:
             has_image: (B,) bool.
         """
         keys, partition = list(batch.keys), batch.partition_id
-        fields = list(VIEW_FIELDS) + [MULTI_MODAL_FIELD]
+        # `remove` finds the image by its tokens and drops the pixels: never pull them to the driver (a batch of
+        # 6144 rollouts of 1024-patch images carries ~29 GB of float32 pixel_values). blank/noise need them.
+        fields = list(VIEW_FIELDS) + ([MULTI_MODAL_FIELD] if self.config.image_view != "remove" else [])
         rows = self.store.kv_batch_get(keys=keys, partition_id=partition, select_fields=fields)
         view_rows, has_image = [], []
         for row in tensordict_to_rows(rows):

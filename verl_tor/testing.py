@@ -58,6 +58,8 @@ class InMemoryKV:
 
     def __init__(self):
         self.data: dict[str, dict[str, dict[str, Any]]] = {}
+        self.gets: list[tuple[str, tuple[str, ...] | None]] = []
+        """(partition_id, select_fields) of every ``kv_batch_get``, to check what a caller pulls."""
 
     def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
         part = self.data.setdefault(partition_id, {})
@@ -71,6 +73,7 @@ class InMemoryKV:
     def kv_batch_get(self, keys, partition_id, select_fields=None) -> TensorDict:
         if isinstance(keys, str):
             keys = [keys]
+        self.gets.append((partition_id, None if select_fields is None else tuple(select_fields)))
         part = self.data.get(partition_id, {})
         missing = [k for k in keys if k not in part]
         if missing:
