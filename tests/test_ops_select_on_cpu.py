@@ -242,6 +242,31 @@ def test_matches_naive_sort_reference_on_random_batches(scope, dtype):
         assert torch.equal(got, reference_select(scores.float(), mask, ratio, row_segment)), (scores, mask, ratio)
 
 
+@pytest.mark.parametrize("uneven", [False, True])
+def test_group_scope_row_grid_and_segmented_sort_agree_with_the_reference(uneven):
+    """Scopes of equal size (verl's n rollouts per uid) take the row-wise topk grid; very uneven ones the sort."""
+    from verl_tor.ops.select import _segment_grid
+
+    g = torch.Generator().manual_seed(3)
+    b, t = 48, 37
+    if uneven:  # one prompt holds 40 of the 48 rows: a padded grid would be 8x the batch
+        index = [0] * 40 + list(range(1, 9))
+    else:  # 4 prompts x 12 rollouts, shuffled as verl may order them
+        index = torch.randperm(b, generator=g).remainder(4).tolist()
+    row_segment, num = build_segments(b, "group", index)
+    assert (_segment_grid(row_segment, num) is None) == uneven
+    scores = torch.randperm(b * t, generator=g).reshape(b, t).float()
+    mask = torch.rand(b, t, generator=g) < 0.6
+    for ratio in (0.0, 0.05, 0.3, 0.8, 1.0):
+        got = select_top_fraction(scores, mask, ratio, scope="group", index=index)
+        assert torch.equal(got, reference_select(scores, mask, ratio, row_segment)), ratio
+    ties = torch.randint(0, 3, (b, t), generator=g).float()  # ties at every cut: exact counts per scope
+    got = select_top_fraction(ties, mask, 0.3, scope="group", index=index, seed=1)
+    for s in range(num):
+        rows = row_segment == s
+        assert int(got[rows].sum()) == count_top_fraction(0.3, int(mask[rows].sum()))
+
+
 @pytest.mark.parametrize("layout", ["random", "ascending", "periodic", "two_values", "constant"])
 def test_large_batch_scope_bracket_is_exact_for_any_layout(layout):
     # 2^21 tokens: above the plain-kthvalue size, so the sampled bracket (and its fallback) runs.

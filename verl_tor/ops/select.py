@@ -8,8 +8,9 @@ Three requirements shape this module:
 - **Scale.** A 512×12 rollout batch of 4096-token responses has 25M tokens; ``torch.quantile`` refused inputs above
   2^24 elements until pytorch#187574 (torch 2.14 accepts them, older ones do not), and a full sort of 25M floats
   takes seconds on a CPU. The batch scope finds the cut in linear time
-  (a sampled bracket, then ``torch.kthvalue`` on the few values inside it) and the sequence/group scopes use one
-  segmented sort on 64-bit composite keys (segment id, score).
+  (a sampled bracket, then ``torch.kthvalue`` on the few values inside it); the sequence/group scopes lay each
+  scope's rows side by side and take every scope's cut from one row-wise ``topk`` (very uneven scopes fall back to
+  one segmented sort on 64-bit composite keys (segment id, score)).
 - **Unbiased ties.** Top-p entropy gives many exact zeros, so the cut often falls inside a block of equal scores.
   Only the tied tokens at a scope's cut are resolved, by a seeded random permutation (``torch.randperm`` on a CPU
   generator), never by position: position order would favour early tokens of early responses.
@@ -190,7 +191,17 @@ def select_top_k_per_segment(
         raise ValueError("scores are NaN on some valid tokens. Fix: check the entropy/sensitivity inputs.")
     if k.numel() == 1:
         return _select_top_k_global(filled, valid, int(k[0]), generator)
-    return _select_top_k_segmented(filled, valid, k, row_segment, generator)
+    grid = _segment_grid(row_segment, k.numel())
+    if grid is None:  # very uneven scopes: a padded grid would waste memory
+        return _select_top_k_segmented(filled, valid, k, row_segment, generator)
+    rows, slots, size = grid  # scope s holds `size` rows side by side: one row of the grid per scope
+    width = valid.shape[1]
+    grid_scores = filled.new_full((k.numel(), size, width), -math.inf)
+    grid_valid = torch.zeros((k.numel(), size, width), dtype=torch.bool, device=valid.device)
+    grid_scores[rows, slots] = filled
+    grid_valid[rows, slots] = valid
+    chosen = _select_top_k_rows(grid_scores.reshape(k.numel(), -1), grid_valid.reshape(k.numel(), -1), k, generator)
+    return chosen.reshape(k.numel(), size, width)[rows, slots]
 
 
 def compute_selection_threshold(scores: torch.Tensor, selected: torch.Tensor) -> float:
@@ -265,6 +276,72 @@ def _find_kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(middle, n_inside - (k - n_above) + 1).values
 
 
+def _segment_grid(row_segment: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Lay the rows of each scope side by side: ``(scope, slot)`` per row and the slots per scope, or None.
+
+    Sequence scope is one row per scope; group scope has n rows per prompt (verl's rollout.n), in any order. None
+    when the largest scope has more than twice the mean number of rows (the padded grid would be mostly empty).
+    """
+    rows = row_segment
+    sizes = torch.bincount(rows, minlength=num_segments)  # (S,)
+    size = int(sizes.max()) if rows.numel() else 0
+    if size == 0 or size * num_segments > 2 * rows.numel():
+        return None
+    order = torch.sort(rows, stable=True).indices
+    start = torch.cumsum(sizes, 0) - sizes
+    slots = torch.empty_like(rows)
+    slots[order] = torch.arange(rows.numel(), device=rows.device) - start[rows[order]]
+    return rows, slots, size
+
+
+def _select_top_k_rows(
+    filled: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """One scope per row, all rows at once: each row's cut from one ``topk``, then a seeded draw among its ties.
+
+    ``filled`` is ``(R, L)`` float32 scores with -inf on masked tokens; ``k`` is ``(R,)``.
+    """
+    k = torch.minimum(k.clamp_min(0), valid.sum(dim=1))  # (R,)
+    k_max = int(k.max()) if k.numel() else 0
+    if k_max == 0:
+        return torch.zeros_like(valid)
+    top = torch.topk(filled, k_max, dim=1, sorted=True).values  # (R, k_max), descending
+    # A row selecting nothing gets cut +inf: nothing is above it, and its +inf ties get `need` = 0.
+    cut = torch.where(k > 0, top.gather(1, (k - 1).clamp_min(0).unsqueeze(1)).squeeze(1), math.inf)  # (R,)
+    chosen = filled > cut.unsqueeze(1)  # never a masked token: those are -inf <= cut
+    ties = (filled == cut.unsqueeze(1)) & valid  # `& valid`: a valid -inf score can tie with the padding
+    need = k - chosen.sum(dim=1)  # (R,)
+    n_ties = ties.sum(dim=1)
+    if bool((need < n_ties).any()):
+        tied = torch.nonzero(ties.reshape(-1)).squeeze(1)  # (M,) row-major
+        _take_random_ties(chosen.reshape(-1), tied, tied // filled.shape[1], need, n_ties, generator)
+    else:
+        chosen |= ties
+    return chosen
+
+
+def _take_random_ties(
+    chosen: torch.Tensor,
+    tied: torch.Tensor,
+    tied_segment: torch.Tensor,
+    need: torch.Tensor,
+    n_ties: torch.Tensor,
+    generator: torch.Generator,
+) -> None:
+    """Set ``chosen[t] = True`` for a uniformly random ``need[s]``-subset of each scope's tied positions (in place).
+
+    A random permutation is the secondary sort key: within each scope the tied tokens come out in uniformly random
+    order, and the first ``need`` of them are taken. ``tied`` must be in a fixed (row-major) order for the draw to be
+    reproducible.
+    """
+    rank_key = torch.randperm(tied.numel(), generator=generator).to(tied.device)
+    order = torch.sort((tied_segment << 32) | rank_key).indices
+    tied, tied_segment = tied[order], tied_segment[order]
+    tie_start = torch.cumsum(n_ties, 0) - n_ties
+    rank = torch.arange(tied.numel(), device=tied.device) - tie_start[tied_segment]
+    chosen[tied[rank < need[tied_segment]]] = True
+
+
 def _select_top_k_segmented(
     filled: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, row_segment: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
@@ -298,15 +375,7 @@ def _select_top_k_segmented(
     n_ties = torch.bincount(segment[ties], minlength=num_segments)
     if bool((need < n_ties).any()):
         tied = torch.nonzero(ties).squeeze(1)  # (M,)
-        tied_segment = segment[tied]
-        # A random permutation as the secondary key: within each scope the tied tokens come out in uniformly random
-        # order, and the first `need` of them are taken.
-        rank_key = torch.randperm(tied.numel(), generator=generator).to(tied.device)
-        order = torch.sort((tied_segment << 32) | rank_key).indices
-        tied, tied_segment = tied[order], tied_segment[order]
-        tie_start = torch.cumsum(n_ties, 0) - n_ties
-        rank = torch.arange(tied.numel(), device=tied.device) - tie_start[tied_segment]
-        chosen[tied[rank < need[tied_segment]]] = True
+        _take_random_ties(chosen, tied, segment[tied], need, n_ties, generator)
     else:
         chosen |= ties
     chosen_flat[position] = chosen
