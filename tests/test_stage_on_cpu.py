@@ -69,15 +69,15 @@ def run_stage(tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMe
         temperature=1.0,
     )
     metrics, timing = {}, {}
-    stage.run(meta, metrics, timing, step=3)
-    return store, scorer, metrics
+    meta = stage.run(meta, metrics, timing, step=3)  # the meta verl passes on to the actor update
+    return store, scorer, metrics, meta
 
 
 def test_stage_weights_match_an_independent_computation(tiny_model, tiny_processor, batch):
     from verl_tor.ops import compute_tor_weights
 
     cfg = ToRConfig(enable=True, apply="loss", scope="group")
-    store, scorer, metrics = run_stage(tiny_model, tiny_processor, batch, cfg)
+    store, scorer, metrics, _ = run_stage(tiny_model, tiny_processor, batch, cfg)
     rows, keys, plan = batch
 
     # independent: with-image and from-scratch image-free prompts through the HF model, no verl_tor code
@@ -116,8 +116,8 @@ def test_stage_weights_match_an_independent_computation(tiny_model, tiny_process
 @pytest.mark.parametrize("view", ["blank", "noise"])
 def test_other_views_run_and_differ_from_remove(tiny_model, tiny_processor, batch, view):
     base = ToRConfig(enable=True, apply="loss")
-    _, _, m_remove = run_stage(tiny_model, tiny_processor, batch, base)
-    store, scorer, m_view = run_stage(tiny_model, tiny_processor, batch, base.replace(image_view=view))
+    _, _, m_remove, _ = run_stage(tiny_model, tiny_processor, batch, base)
+    store, scorer, m_view, _ = run_stage(tiny_model, tiny_processor, batch, base.replace(image_view=view))
     assert any(p == "train" and f and "multi_modal_inputs" in f for p, f in store.gets)
     (view_call,) = [c for c in scorer.calls if c["partition_id"] == "tor_noimg"]
     assert "multi_modal_inputs" in view_call["fields"]  # the blank / noisy pixels
@@ -127,14 +127,14 @@ def test_other_views_run_and_differ_from_remove(tiny_model, tiny_processor, batc
 
 def test_entropy_diff_asks_the_scorer_for_entropy(tiny_model, tiny_processor, batch):
     cfg = ToRConfig(enable=True, sensitivity="entropy_diff", apply="loss")
-    _, scorer, metrics = run_stage(tiny_model, tiny_processor, batch, cfg)
+    _, scorer, metrics, _ = run_stage(tiny_model, tiny_processor, batch, cfg)
     views = [c for c in scorer.calls if c["partition_id"] == "tor_noimg"]
     assert views[0]["calculate_entropy"] is True
     assert metrics["tor/sensitivity_mean/selected"] > metrics["tor/sensitivity_mean/rest"]
 
 
 def test_reasoning_only_skips_the_image_free_pass(tiny_model, tiny_processor, batch):
-    _, scorer, metrics = run_stage(tiny_model, tiny_processor, batch, ToRConfig(enable=True, mode="reasoning_only"))
+    _, scorer, metrics, _ = run_stage(tiny_model, tiny_processor, batch, ToRConfig(enable=True, mode="reasoning_only"))
     assert [c["partition_id"] for c in scorer.calls] == ["train"]  # only the old-policy pass of the fixture
     assert metrics.get("tor/perception_frac", 0.0) == 0.0 and metrics["tor/reasoning_frac"] > 0
 
@@ -163,9 +163,31 @@ def test_stage_on_the_real_transfer_queue_matches_the_double(tiny_model, tiny_pr
     tq = transfer_queue
     _, keys, _ = batch
     cfg = ToRConfig(enable=True, apply=apply, scope="group")
-    double, _, want_metrics = run_stage(tiny_model, tiny_processor, batch, cfg)
+    double, _, want_metrics, _ = run_stage(tiny_model, tiny_processor, batch, cfg)
     try:
-        real, scorer, metrics = run_stage(tiny_model, tiny_processor, batch, cfg, tq, tq.KVBatchMeta)
+        real, scorer, metrics, meta = run_stage(tiny_model, tiny_processor, batch, cfg, tq, tq.KVBatchMeta)
+        # verl's workers read only `meta.fields` (verl.utils.transferqueue_utils.kv_batch_meta2batch_meta): the meta
+        # the stage hands on must name every field the actor update reads, the ToR one included
+        written = {"tor_weights", "advantages"} if apply == "loss" else {"advantages"}
+        needed = {"input_ids", "position_ids", "multi_modal_inputs", "responses", "response_mask", "old_log_probs"}
+        assert isinstance(meta, tq.KVBatchMeta) and list(meta.keys) == keys
+        assert written | needed <= set(meta.fields)
+        # what verl's tqbridge hands the actor worker for that meta, through verl's own code
+        from verl.utils.transferqueue_utils import _meta_to_realdata
+
+        worker_data = _meta_to_realdata(meta)
+        assert written | needed <= set(worker_data.keys())
+        for name in written:
+            got = torch.nested.to_padded_tensor(worker_data[name], 0.0)
+            torch.testing.assert_close(got, _tor_outputs(double, keys)[name], rtol=0, atol=0)
+        if apply == "loss":  # the loss wrapper's input, as the worker builds it
+            from verl_tor.loss import fold_tor_weights
+
+            folded = fold_tor_weights(worker_data)
+            torch.testing.assert_close(
+                torch.nested.to_padded_tensor(folded["rollout_is_weights"], 0.0),
+                torch.nested.to_padded_tensor(worker_data["tor_weights"], 0.0),
+            )
         want, got = _tor_outputs(double, keys), _tor_outputs(real, keys)
         assert set(got) == set(want) == ({"tor_weights", "advantages"} if apply == "loss" else {"advantages"})
         for name in want:
