@@ -186,3 +186,38 @@ def test_training_writer_logs_the_map_to_wandb(tmp_path, monkeypatch):
     assert media[0].read_text(encoding="utf-8").count("<span class='tok") == Path(path).read_text(
         encoding="utf-8"
     ).count("<span class='tok")
+
+
+@pytest.mark.parametrize("entropy", ["full", "top_p"])
+def test_demo_and_inspect_rank_by_the_configured_entropy(tiny_model, tiny_processor, entropy):
+    """`tor.entropy=top_p` reaches the local old-policy pass of `demo`/`inspect` (the trainer's flag), and the
+    entropy the stage ranks by is the top-p truncated one, checked against a naive formula on the HF logits."""
+    from verl_tor import tiny
+    from verl_tor.demo import build_batch, run_tor
+
+    items = [tiny.make_geometry_problem(i) for i in range(2)]
+    g = torch.Generator().manual_seed(0)
+    vocab = len(tiny_processor.tokenizer) - 20
+    responses = [[torch.randint(20, vocab, (6,), generator=g) for _ in range(2)] for _ in items]
+    rows, keys = build_batch(tiny_processor, items, responses)
+    cfg = ToRConfig(enable=True, entropy=entropy, entropy_top_p=0.5)
+    _, _, tensors, _ = run_tor(tiny_model, tiny_processor, rows, keys, cfg, progress=False)
+
+    top_p, full = [], []
+    for row in rows:
+        mm = {k: row["multi_modal_inputs"][k] for k in ("pixel_values", "image_grid_thw")}
+        with torch.no_grad():
+            logits = tiny_model(
+                input_ids=row["input_ids"][None], position_ids=row["position_ids"].unsqueeze(1), **mm
+            ).logits[0]
+        n = len(row["responses"])
+        probs = torch.softmax(logits[-n - 1 : -1].double(), dim=-1)  # (n, V): the response tokens' distributions
+        full.append(-(probs * probs.log()).sum(-1))
+        p, _ = probs.sort(dim=-1, descending=True)
+        keep = (p.cumsum(-1) - p) < 0.5  # the smallest prefix with mass >= 0.5
+        q = p * keep / (p * keep).sum(-1, keepdim=True)
+        top_p.append(-(q * q.clamp_min(1e-300).log()).sum(-1))
+    want = torch.stack(top_p if entropy == "top_p" else full).float()
+    other = torch.stack(full if entropy == "top_p" else top_p).float()
+    torch.testing.assert_close(tensors["entropy"], want, rtol=1e-4, atol=1e-4)
+    assert (tensors["entropy"] - other).abs().max() > 1e-2

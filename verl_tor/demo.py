@@ -122,7 +122,8 @@ def run_tor(model, processor, rows: list[dict], keys: list[str], cfg: ToRConfig,
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     for _ in _progress(range(1), "old-policy pass", enabled=progress):
-        scorer.compute_old_log_prob(keys)
+        # tor.entropy=top_p: the flag the ToR trainer sets for verl's old-policy pass (verl_tor.engine)
+        scorer.compute_old_log_prob(keys, entropy_top_p=cfg.entropy_top_p if cfg.entropy == "top_p" else None)
     timing["old_log_prob"] = time.perf_counter() - t0
     if advantages is not None:
         store.kv_batch_put(keys, "train", fields=TensorDict({"advantages": advantages}, batch_size=len(keys)))

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from verl_tor.ops import compute_entropy_from_logits
+from verl_tor.engine import TOP_P_FLAG
+from verl_tor.ops import compute_entropy_from_logits, compute_top_p_entropy_from_logits
 from verl_tor.stage import rows_to_tensordict, tensordict_to_rows
 
 __all__ = [
@@ -95,12 +96,18 @@ class InMemoryKV:
 
 
 def compute_sequence_log_probs(
-    model: torch.nn.Module, row: dict, temperature: float = 1.0, with_entropy: bool = False
+    model: torch.nn.Module,
+    row: dict,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_top_p: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-position log-prob of the next token of one trajectory, as verl's engine returns it.
 
     Args:
         row: ``input_ids`` (L,), ``position_ids`` (4, L) [text; t; h; w] or (L,), ``multi_modal_inputs`` dict.
+        entropy_top_p: with ``with_entropy``, the entropy of the top-p truncated distribution instead of the full
+            one (what the engine hook gives the old-policy pass for ``tor.entropy=top_p``).
     Returns:
         log_probs: (L,) float32; entry s = log π(input_ids[s+1] | input_ids[:s+1]) (last entry: the roll's
             wrap-around, ignored by verl's response slicing). entropy: (L,) or None.
@@ -117,7 +124,12 @@ def compute_sequence_log_probs(
     logits = logits / temperature
     labels = torch.roll(input_ids[0], shifts=-1)  # verl: input_ids_rmpad_rolled
     log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    entropy = compute_entropy_from_logits(logits) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        if entropy_top_p is None:
+            entropy = compute_entropy_from_logits(logits)
+        else:
+            entropy = compute_top_p_entropy_from_logits(logits, float(entropy_top_p))
     return log_probs, entropy
 
 
@@ -126,13 +138,14 @@ class LocalLogProbScorer:
     """``actor_rollout_wg.compute_log_prob`` in-process: the meta's rows -> model forward -> store."""
 
     store: InMemoryKV
-    forward: Callable[[dict, float, bool], tuple[torch.Tensor, torch.Tensor | None]]
+    forward: Callable[[dict, float, bool, float | None], tuple[torch.Tensor, torch.Tensor | None]]
+    """``(row, temperature, with_entropy, entropy_top_p) -> (log_probs, entropy)``."""
     calls: list[dict] = field(default_factory=list)
 
     @classmethod
     def for_model(cls, store: InMemoryKV, model: torch.nn.Module) -> LocalLogProbScorer:
         model.eval()
-        return cls(store=store, forward=lambda row, t, e: compute_sequence_log_probs(model, row, t, e))
+        return cls(store=store, forward=lambda row, t, e, p: compute_sequence_log_probs(model, row, t, e, p))
 
     def compute_log_prob(self, meta: Any) -> KVMeta:
         info = dict(meta.extra_info or {})
@@ -141,11 +154,12 @@ class LocalLogProbScorer:
         rows = tensordict_to_rows(data)
         temperature = float(info.get("temperature", 1.0))
         want_entropy = bool(info.get("calculate_entropy", False))
+        top_p = info.get(TOP_P_FLAG)  # the ToR trainer's flag for the old-policy pass (verl_tor.engine)
         out: dict[str, list] = {"log_probs": []}
         if want_entropy:
             out["entropy"] = []
         for row in rows:
-            log_probs, entropy = self.forward(row, temperature, want_entropy)
+            log_probs, entropy = self.forward(row, temperature, want_entropy, top_p)
             out["log_probs"].append(log_probs)
             if want_entropy:
                 out["entropy"].append(entropy)
@@ -157,13 +171,22 @@ class LocalLogProbScorer:
 
     __call__ = compute_log_prob
 
-    def compute_old_log_prob(self, keys: list[str], partition_id: str = "train", temperature: float = 1.0) -> None:
+    def compute_old_log_prob(
+        self,
+        keys: list[str],
+        partition_id: str = "train",
+        temperature: float = 1.0,
+        entropy_top_p: float | None = None,
+    ) -> None:
         """verl's ``_compute_old_log_prob`` in-process: score with entropy, store ``old_log_probs`` and ``entropy``
-        per response token (verl's ``response_from_nested``)."""
+        per response token (verl's ``response_from_nested``). ``entropy_top_p`` sets the ToR trainer's flag
+        (``tor.entropy=top_p``), so ``entropy`` is the top-p truncated one."""
         from verl.workers.utils.padding import response_from_nested
 
         meta = KVMeta(keys=list(keys), partition_id=partition_id, extra_info={"calculate_entropy": True})
         meta.extra_info.update(compute_loss=False, temperature=temperature)
+        if entropy_top_p is not None:
+            meta.extra_info[TOP_P_FLAG] = float(entropy_top_p)
         self.compute_log_prob(meta)
         got = self.store.kv_batch_get(keys, partition_id, ["log_probs", "entropy", "response_mask"])
         fields = {
