@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,13 +30,24 @@ class TokenSpans(HTMLParser):
             self.images += 1
 
 
+DEMO = """
+import dataclasses, json, sys
+from verl_tor.config import ToRConfig
+from verl_tor.demo import run_demo
+cfg = ToRConfig(enable=True, log_token_maps_rollouts=2)
+result = run_demo(cfg, out_dir=sys.argv[1], n_prompts=2, n=2, max_new_tokens=8, seed=0, progress=False)
+print(json.dumps(dataclasses.asdict(result)))
+"""
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from verl_tor.demo import run_demo
-
+    """The demo in a process of its own, like the README command (it applies verl's process-wide model patch)."""
     out = tmp_path_factory.mktemp("demo")
-    cfg = ToRConfig(enable=True, log_token_maps_rollouts=2)
-    return run_demo(cfg, out_dir=str(out), n_prompts=2, n=2, max_new_tokens=8, seed=0, progress=False), cfg
+    proc = subprocess.run([sys.executable, "-c", DEMO, str(out)], capture_output=True, text=True, timeout=600, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = SimpleNamespace(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    return result, ToRConfig(enable=True, log_token_maps_rollouts=2)
 
 
 def classes_from_html(path: str) -> TokenSpans:
@@ -52,6 +66,8 @@ def test_demo_runs_and_reports(demo):
     assert set(result.losses) == {"stock GRPO", "ToR-GRPO (tor)"}
     assert all(torch.isfinite(torch.tensor(v)).all() for v in result.losses.values())
     assert Path(result.html_path).with_name("metrics.json").exists()
+    # both passes went through verl's FSDPEngineWithLMHead.forward_step: the old-policy one, then the image-free one
+    assert result.scorer == "EngineLogProbScorer: train (4 rows), tor_noimg (4 rows)"
 
 
 def test_token_map_has_one_span_per_token_with_consistent_classes(demo):
@@ -201,7 +217,7 @@ def test_demo_and_inspect_rank_by_the_configured_entropy(tiny_model, tiny_proces
     responses = [[torch.randint(20, vocab, (6,), generator=g) for _ in range(2)] for _ in items]
     rows, keys = build_batch(tiny_processor, items, responses)
     cfg = ToRConfig(enable=True, entropy=entropy, entropy_top_p=0.5)
-    _, _, tensors, _ = run_tor(tiny_model, tiny_processor, rows, keys, cfg, progress=False)
+    _, _, tensors, _, _ = run_tor(tiny_model, tiny_processor, rows, keys, cfg, progress=False)
 
     top_p, full = [], []
     for row in rows:

@@ -5,8 +5,10 @@ Phases (each with a progress bar):
    own loaders (``verl.utils.hf_processor``) and transformers' ``from_pretrained``;
 2. render synthetic geometry problems with PIL (the answer depends on the picture) and sample responses;
 3. store the trajectories exactly as verl's agent loop does (``verl_tor.testing.build_verl_row``, verl's code);
-4. the old-policy pass (log-probs + entropy) and verl's GRPO advantage (``compute_grpo_outcome_advantage``);
-5. the real ToR stage: image-free views -> extra log-prob pass -> S_t -> selection -> weights -> metrics;
+4. the old-policy pass (log-probs + entropy) through verl's engine forward (``FSDPEngineWithLMHead.forward_step``,
+   non-packed path on CPU) and verl's GRPO advantage (``compute_grpo_outcome_advantage``);
+5. the real ToR stage: image-free views -> extra log-prob pass (the same engine forward; the image-free rows take
+   verl's no-pixel branch, with verl_tor's fix) -> S_t -> selection -> weights -> metrics;
 6. one loss/backward step through verl's ``ppo_loss``, without and with ToR;
 then a table of the ``tor/*`` metrics and an HTML token map.
 
@@ -37,6 +39,8 @@ class DemoResult:
     html_path: str
     seconds: dict[str, float] = field(default_factory=dict)
     n_tokens: int = 0
+    scorer: str = ""
+    """What ran the old-policy and image-free passes (``EngineLogProbScorer``: verl's engine forward)."""
 
 
 def _progress(iterable, desc: str, total: int | None = None, enabled: bool = True):
@@ -109,8 +113,23 @@ def build_batch(processor, items: list[dict], responses: list[list[torch.Tensor]
     return rows, keys
 
 
-def run_tor(model, processor, rows: list[dict], keys: list[str], cfg: ToRConfig, progress: bool, advantages=None):
-    """Old-policy pass + the real ToR stage over an in-memory store; returns (store, metrics, stage tensors, timing)."""
+def run_tor(
+    model,
+    processor,
+    rows: list[dict],
+    keys: list[str],
+    cfg: ToRConfig,
+    progress: bool,
+    advantages=None,
+    make_scorer=None,
+):
+    """Old-policy pass + the real ToR stage over an in-memory store.
+
+    Returns ``(store, metrics, stage tensors, timing, scorer)``; ``scorer.calls`` lists the passes it ran.
+
+    ``make_scorer(store)`` gives the worker stand-in for both passes (default: ``LocalLogProbScorer``, the model's
+    own forward; ``verl-tor demo`` uses verl's engine forward, see ``engine_scorer``).
+    """
     from tensordict import TensorDict
 
     from verl_tor.stage import ToRStage, make_view_builder, rows_to_tensordict
@@ -118,7 +137,7 @@ def run_tor(model, processor, rows: list[dict], keys: list[str], cfg: ToRConfig,
 
     store = InMemoryKV()
     store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
-    scorer = LocalLogProbScorer.for_model(store, model)
+    scorer = (make_scorer or (lambda kv: LocalLogProbScorer.for_model(kv, model)))(store)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     for _ in _progress(range(1), "old-policy pass", enabled=progress):
@@ -142,7 +161,26 @@ def run_tor(model, processor, rows: list[dict], keys: list[str], cfg: ToRConfig,
     metrics: dict[str, float] = {}
     for _ in _progress(range(1), "ToR stage (image-free pass + selection)", enabled=progress):
         stage.run(KVMeta(keys=keys, partition_id="train"), metrics, timing, step=1)
-    return store, metrics, captured["tensors"], timing
+    return store, metrics, captured["tensors"], timing, scorer
+
+
+def engine_scorer(model):
+    """``store -> EngineLogProbScorer``: both passes through verl's real ``FSDPEngineWithLMHead.forward_step``.
+
+    Sets the process up the way verl's workers are, on CPU: verl's Qwen2.5-VL model patch (non-packed path; the
+    packed one needs flash-attn), verl_tor's Qwen2-VL no-pixel fix (the image-free rows need it), and verl's
+    device helpers pointed at the CPU. The model patch is process-wide: call this in a process of its own.
+    """
+    from verl.models.transformers.monkey_patch import apply_monkey_patch
+
+    from verl_tor.qwen2_vl_fix import apply_qwen2_vl_fix
+    from verl_tor.testing import EngineLogProbScorer, build_cpu_engine, patch_engine_device_helpers
+
+    apply_qwen2_vl_fix()
+    patch_engine_device_helpers()
+    apply_monkey_patch(model, use_remove_padding=False)
+    engine = build_cpu_engine(model)
+    return lambda store: EngineLogProbScorer(store, engine)
 
 
 def write_token_map(path: str, processor, rows, items_per_row, tensors, metrics, title: str, limit: int) -> str:
@@ -221,10 +259,14 @@ def run_demo(
     uids = np.array([r["uid"] for r in rows], dtype=object)
     advantages, _ = compute_grpo_outcome_advantage(scores, mask, uids)
 
-    # 4. old-policy pass + the ToR stage
-    store, metrics, tensors, timing = run_tor(
-        model, processor, rows, keys, cfg, progress, advantages=_nest(advantages, mask)
+    # 4. old-policy pass + the ToR stage, through verl's engine forward (top-p entropy: verl computes it on the
+    # packed flash-attn path only, so that case scores with the model's own forward and the same top-p flag)
+    make_scorer = engine_scorer(model) if cfg.entropy == "full" else None
+    store, metrics, tensors, timing, scorer = run_tor(
+        model, processor, rows, keys, cfg, progress, advantages=_nest(advantages, mask), make_scorer=make_scorer
     )
+    passes = ", ".join(f"{c['partition_id']} ({c['n']} rows)" for c in scorer.calls)
+    scorer_name = f"{type(scorer).__name__}: {passes}"
     seconds.update({f"tor_{k}": v for k, v in timing.items()})
 
     # 5. one loss/backward step through verl's ppo_loss, stock vs ToR
@@ -250,7 +292,14 @@ def run_demo(
     )
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump({"metrics": metrics, "losses": losses, "seconds": seconds}, f, indent=2, sort_keys=True)
-    return DemoResult(metrics=metrics, losses=losses, html_path=html_path, seconds=seconds, n_tokens=int(mask.sum()))
+    return DemoResult(
+        metrics=metrics,
+        losses=losses,
+        html_path=html_path,
+        seconds=seconds,
+        n_tokens=int(mask.sum()),
+        scorer=scorer_name,
+    )
 
 
 def _td(fields: dict, n: int):
@@ -313,6 +362,7 @@ def main(args: argparse.Namespace, cfg: ToRConfig) -> int:
     total = time.perf_counter() - t0
     print()
     print(f"ToR on {result.n_tokens} response tokens ({args.prompts} prompts x {args.n} responses), mode={cfg.mode}")
+    print(f"log-prob passes: {result.scorer}")
     width = max(len(k) for k in result.metrics)
     print(f"{'metric':<{width}}  value")
     for key in sorted(result.metrics):

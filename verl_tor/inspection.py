@@ -147,7 +147,7 @@ def run_inspect(
     else:
         responses = sample_responses(model, processor, items, n, max_new_tokens, cfg.seed, progress)
     rows, keys = build_batch(processor, items, responses)
-    _, metrics, tensors, timing = run_tor(model, processor, rows, keys, cfg, progress)
+    _, metrics, tensors, timing, _ = run_tor(model, processor, rows, keys, cfg, progress)
     os.makedirs(out_dir, exist_ok=True)
     items_per_row = [item for item, rs in zip(items, responses) for _ in rs]
     html = write_token_map(

@@ -133,8 +133,38 @@ def compute_sequence_log_probs(
     return log_probs, entropy
 
 
+class _OldLogProbPass:
+    """verl's ``PPOTrainer._compute_old_log_prob`` around a scorer's ``compute_log_prob`` (``self(meta)``)."""
+
+    store: Any
+
+    def compute_old_log_prob(
+        self,
+        keys: list[str],
+        partition_id: str = "train",
+        temperature: float = 1.0,
+        entropy_top_p: float | None = None,
+    ) -> None:
+        """verl's ``_compute_old_log_prob`` in-process: score with entropy, store ``old_log_probs`` and ``entropy``
+        per response token (verl's ``response_from_nested``). ``entropy_top_p`` sets the ToR trainer's flag
+        (``tor.entropy=top_p``), so ``entropy`` is the top-p truncated one."""
+        from verl.workers.utils.padding import response_from_nested
+
+        meta = KVMeta(keys=list(keys), partition_id=partition_id, extra_info={"calculate_entropy": True})
+        meta.extra_info.update(compute_loss=False, temperature=temperature)
+        if entropy_top_p is not None:
+            meta.extra_info[TOP_P_FLAG] = float(entropy_top_p)
+        self(meta)
+        got = self.store.kv_batch_get(keys, partition_id, ["log_probs", "entropy", "response_mask"])
+        fields = {
+            "old_log_probs": response_from_nested(got["log_probs"], got["response_mask"]),
+            "entropy": response_from_nested(got["entropy"], got["response_mask"]),
+        }
+        self.store.kv_batch_put(keys, partition_id, fields=TensorDict(fields, batch_size=len(keys)))
+
+
 @dataclass
-class LocalLogProbScorer:
+class LocalLogProbScorer(_OldLogProbPass):
     """``actor_rollout_wg.compute_log_prob`` in-process: the meta's rows -> model forward -> store."""
 
     store: InMemoryKV
@@ -170,30 +200,6 @@ class LocalLogProbScorer:
         return self.store.kv_batch_put(meta.keys, meta.partition_id, fields=td, tags=meta.tags)
 
     __call__ = compute_log_prob
-
-    def compute_old_log_prob(
-        self,
-        keys: list[str],
-        partition_id: str = "train",
-        temperature: float = 1.0,
-        entropy_top_p: float | None = None,
-    ) -> None:
-        """verl's ``_compute_old_log_prob`` in-process: score with entropy, store ``old_log_probs`` and ``entropy``
-        per response token (verl's ``response_from_nested``). ``entropy_top_p`` sets the ToR trainer's flag
-        (``tor.entropy=top_p``), so ``entropy`` is the top-p truncated one."""
-        from verl.workers.utils.padding import response_from_nested
-
-        meta = KVMeta(keys=list(keys), partition_id=partition_id, extra_info={"calculate_entropy": True})
-        meta.extra_info.update(compute_loss=False, temperature=temperature)
-        if entropy_top_p is not None:
-            meta.extra_info[TOP_P_FLAG] = float(entropy_top_p)
-        self.compute_log_prob(meta)
-        got = self.store.kv_batch_get(keys, partition_id, ["log_probs", "entropy", "response_mask"])
-        fields = {
-            "old_log_probs": response_from_nested(got["log_probs"], got["response_mask"]),
-            "entropy": response_from_nested(got["entropy"], got["response_mask"]),
-        }
-        self.store.kv_batch_put(keys, partition_id, fields=TensorDict(fields, batch_size=len(keys)))
 
 
 def build_verl_row(processor: Any, prompt_ids: torch.Tensor, response_ids: torch.Tensor, images: list | None) -> dict:
@@ -286,7 +292,7 @@ def patch_engine_device_helpers(monkeypatch: Any = None) -> None:
 
 
 @dataclass
-class EngineLogProbScorer:
+class EngineLogProbScorer(_OldLogProbPass):
     """``compute_log_prob`` through verl's real ``FSDPEngineWithLMHead.forward_step`` (one micro-batch per call)."""
 
     store: InMemoryKV
@@ -297,6 +303,12 @@ class EngineLogProbScorer:
         from verl.utils import tensordict_utils as tu
 
         info = dict(meta.extra_info or {})
+        if info.get(TOP_P_FLAG) is not None:
+            raise ValueError(
+                "tor.entropy=top_p: verl's engine computes the top-p entropy only on its packed (remove-padding, "
+                "flash-attn) path, and this CPU engine runs the non-packed one. Fix: tor.entropy=full, or score "
+                "with LocalLogProbScorer."
+            )
         data = self.store.kv_batch_get(meta.keys, meta.partition_id)
         self.calls.append({"n": len(meta.keys), "partition_id": meta.partition_id, "fields": set(data.keys()), **info})
         tu.assign_non_tensor(
