@@ -237,3 +237,24 @@ def test_demo_and_inspect_rank_by_the_configured_entropy(tiny_model, tiny_proces
     other = torch.stack(full if entropy == "top_p" else top_p).float()
     torch.testing.assert_close(tensors["entropy"], want, rtol=1e-4, atol=1e-4)
     assert (tensors["entropy"] - other).abs().max() > 1e-2
+
+
+def test_local_log_probs_from_a_bf16_model_come_back_float32_on_cpu(tiny_checkpoint, tiny_processor):
+    """`inspect` loads the model in bf16 (on a GPU when present); rows stay on the CPU as TransferQueue holds them."""
+    from transformers import AutoModelForImageTextToText
+
+    from verl_tor import tiny
+    from verl_tor.demo import build_batch
+    from verl_tor.testing import compute_sequence_log_probs
+
+    item = tiny.make_geometry_problem(0)
+    (row,), _ = build_batch(tiny_processor, [item], [[torch.arange(20, 26)]])
+    models = {
+        dtype: AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, dtype=dtype).eval()
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    (lp32, h32), (lp16, h16) = (compute_sequence_log_probs(m, row, with_entropy=True) for m in models.values())
+    for got in (lp16, h16):
+        assert got.dtype == torch.float32 and got.device.type == "cpu" and torch.isfinite(got).all()
+    torch.testing.assert_close(lp16, lp32, atol=0.15, rtol=0.05)
+    torch.testing.assert_close(h16, h32, atol=0.15, rtol=0.05)

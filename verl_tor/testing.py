@@ -109,16 +109,17 @@ def compute_sequence_log_probs(
         entropy_top_p: with ``with_entropy``, the entropy of the top-p truncated distribution instead of the full
             one (what the engine hook gives the old-policy pass for ``tor.entropy=top_p``).
     Returns:
-        log_probs: (L,) float32; entry s = log π(input_ids[s+1] | input_ids[:s+1]) (last entry: the roll's
-            wrap-around, ignored by verl's response slicing). entropy: (L,) or None.
+        log_probs: (L,) float32 on the CPU; entry s = log π(input_ids[s+1] | input_ids[:s+1]) (last entry: the
+            roll's wrap-around, ignored by verl's response slicing). entropy: (L,) or None.
     """
-    input_ids = row["input_ids"].long().unsqueeze(0)  # (1, L)
-    position_ids = row["position_ids"]
+    device = next(model.parameters()).device  # rows live on the CPU (TransferQueue); the model may be on a GPU
+    input_ids = row["input_ids"].long().unsqueeze(0).to(device)  # (1, L)
+    position_ids = row["position_ids"].to(device)
     if position_ids.dim() == 2:
         position_ids = position_ids.unsqueeze(1)  # (4, 1, L), as verl's non-packed path feeds Qwen2.5-VL
     else:
         position_ids = position_ids.unsqueeze(0)
-    mm = {k: v for k, v in (row.get("multi_modal_inputs") or {}).items() if isinstance(v, torch.Tensor)}
+    mm = {k: v.to(device) for k, v in (row.get("multi_modal_inputs") or {}).items() if isinstance(v, torch.Tensor)}
     with torch.no_grad():
         logits = model(input_ids=input_ids, position_ids=position_ids, **mm).logits[0].float()  # (L, V)
     logits = logits / temperature
@@ -130,7 +131,8 @@ def compute_sequence_log_probs(
             entropy = compute_entropy_from_logits(logits)
         else:
             entropy = compute_top_p_entropy_from_logits(logits, float(entropy_top_p))
-    return log_probs, entropy
+        entropy = entropy.cpu()
+    return log_probs.cpu(), entropy
 
 
 class _OldLogProbPass:
