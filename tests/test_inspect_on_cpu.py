@@ -102,3 +102,12 @@ def test_clear_errors(tmp_path, parquet, geometry_images):
     pd.DataFrame([{"prompt": [{"role": "user", "content": "hi"}]}]).to_parquet(text_only)
     with pytest.raises(InspectError, match="no 'images' column"):
         load_items(str(text_only), 2)
+
+
+@pytest.mark.parametrize("command", ["demo", "inspect"])
+def test_scorer_policy_ref_is_refused_where_there_is_no_reference_model(command, tmp_path, capsys):
+    args = ["--model", "unused", "--data", "unused"] if command == "inspect" else ["--out-dir", str(tmp_path)]
+    assert main([command, *args, "tor.scorer_policy=ref"]) == 2
+    err = capsys.readouterr().err
+    assert "tor.scorer_policy='ref'" in err and f"verl-tor {command}" in err and "Fix:" in err
+    assert not list(tmp_path.iterdir())  # refused before any work

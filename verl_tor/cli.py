@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = ToRConfig.from_mapping({"enable": True, **parse_overrides(args.overrides)})
+        if cfg.scorer_policy == "ref":
+            raise ToRConfigError(
+                f"tor.scorer_policy='ref': `verl-tor {args.command}` has one model and no reference policy, so it "
+                "would silently score the image-free view with that same model. Fix: leave tor.scorer_policy=old "
+                "(the paper's setting) here; 'ref' applies to training runs with a reference model."
+            )
     except ToRConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
