@@ -57,7 +57,7 @@ def classify_tokens(reasoning: Sequence[bool], perception: Sequence[bool]) -> li
 
 
 def render_histogram_svg(
-    values: Sequence[float], threshold: float | None, title: str, bins: int = 40, width: int = 360, height: int = 140
+    values: Sequence[float], threshold: float | None, title: str, bins: int = 40, width: int = 460, height: int = 140
 ) -> str:
     """An inline SVG histogram of ``values`` with a red line at ``threshold`` (log-scaled counts)."""
     vals = torch.as_tensor(list(values), dtype=torch.float64)
@@ -94,12 +94,13 @@ def render_histogram_svg(
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fff}
-h1{font-size:20px} h2{font-size:16px;margin-top:28px}
+h1{font-size:20px} h2{font-size:16px;margin:4px 0 10px}
 .legend span{display:inline-block;padding:2px 8px;margin-right:8px;border-radius:3px}
 .rollout{border:1px solid #ddd;border-radius:6px;padding:12px;margin:12px 0}
-.rollout img{max-width:220px;border:1px solid #ccc;float:right;margin-left:12px}
+.head{display:flex;gap:12px;align-items:flex-start;margin-bottom:8px}
+.rollout img{max-width:160px;border:1px solid #ccc}
 .prompt{color:#555;white-space:pre-wrap;font-size:13px}
-.response{font-family:ui-monospace,monospace;font-size:14px;line-height:1.9;white-space:pre-wrap;clear:both}
+.response{font-family:ui-monospace,monospace;font-size:14px;line-height:1.9;white-space:pre-wrap}
 .tok{border-radius:2px;padding:1px 0}
 .tok.reasoning{background:#ffd2b0} .tok.perception{background:#bfe3ff} .tok.both{background:#e3c2ff}
 .tok.none{color:#777} .tok.partial{display:inline-block;min-width:3px;height:1em;vertical-align:middle}
@@ -141,11 +142,13 @@ def render_token_map(
         classes = classify_tokens(r.reasoning, r.perception)
         parts.append(f"<div class='rollout' data-index='{i}'>")
         parts.append(f"<h2>{html.escape(r.title or f'rollout {i}')}</h2>")
+        parts.append("<div class='head'>")  # the prompt image next to the prompt text, the response below both
         if r.image_png:
             b64 = base64.b64encode(r.image_png).decode("ascii")
             parts.append(f"<img alt='prompt image' src='data:image/png;base64,{b64}'>")
         if r.prompt:
             parts.append(f"<div class='prompt'>{html.escape(r.prompt)}</div>")
+        parts.append("</div>")
         spans = []
         for tok, cls, e, s, w in zip(r.tokens, classes, r.entropy, r.sensitivity, r.weight):
             tip = f"entropy {e:.3f} | |Δlog p| {s:.3f} | weight {w:.2f}"
