@@ -4,9 +4,9 @@ The image-free pass runs on the GPU workers, but its rows are built on the drive
 from TransferQueue, build the view (``verl_tor.views``: drop the vision tokens, recompute the M-RoPE position ids
 with verl's own ``get_rope_index`` code), write the views back. This script measures that per row on realistic
 rows (a 448x448 geometry image = 256 image tokens after the 2x2 merge, a 451-token prompt, 2048-token responses,
-through the real Qwen2.5-VL processor) and scales it to the batch, and it counts the bytes the driver would pull
-if it fetched the rows' ``multi_modal_inputs`` (which ``image_view=remove`` does not: it finds images by their
-tokens) next to the bytes it does pull.
+through the real Qwen2.5-VL processor) and scales it to the batch, and it counts the bytes the driver reads
+(``image_view=remove`` reads prompts, responses and masks only: it finds images by their tokens and rebuilds the
+ids and position ids) next to what reading the rebuilt fields and ``multi_modal_inputs`` would add.
 
     python benchmarks/bench_driver.py [--rows 64] [--response-length 2048] [--image-size 448] [--batch 6144]
 """
@@ -74,7 +74,7 @@ def main() -> None:
     )
 
     build_view = make_view_builder(ToRConfig(enable=True), processor)
-    fetched = rows_to_tensordict([{k: r[k] for k in VIEW_FIELDS} for r in rows])  # what the stage reads
+    fetched = rows_to_tensordict([{k: r[k] for k in build_view.fields} for r in rows])  # what the stage reads
     times = {"read rows": [], "build views": [], "write views": []}
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -87,7 +87,8 @@ def main() -> None:
         for name, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
             times[name].append(seconds / len(rows))
 
-    per_row_fields = statistics.mean(sum(nbytes(r[k]) for k in VIEW_FIELDS) for r in rows)
+    per_row_fields = statistics.mean(sum(nbytes(r[k]) for k in build_view.fields) for r in rows)
+    per_row_all = statistics.mean(sum(nbytes(r[k]) for k in VIEW_FIELDS) for r in rows)
     per_row_pixels = statistics.mean(nbytes(r[MULTI_MODAL_FIELD]) for r in rows)
     per_row_view = statistics.mean(sum(nbytes(v[k]) for k in VIEW_FIELDS) for v in views)
     print()
@@ -103,8 +104,9 @@ def main() -> None:
     print("| driver traffic per step | MB per row | GB per step |")
     print("| --- | --- | --- |")
     for name, per_row in (
-        ("read: token fields (what the stage reads)", per_row_fields),
-        ("read: multi_modal_inputs (skipped by remove)", per_row_pixels),
+        ("read: prompts, responses, masks (what the stage reads)", per_row_fields),
+        ("read: + input_ids, attention_mask, position_ids (rebuilt instead)", per_row_all - per_row_fields),
+        ("read: + multi_modal_inputs (skipped by remove)", per_row_pixels),
         ("write: image-free rows", per_row_view),
     ):
         print(f"| {name} | {per_row / 2**20:.2f} | {per_row * args.batch / 2**30:.2f} |")

@@ -9,7 +9,7 @@ import torch
 from tensordict import TensorDict
 
 from verl_tor.config import ToRConfig
-from verl_tor.stage import ToRStage, make_view_builder, rows_to_tensordict, tensordict_to_rows
+from verl_tor.stage import VIEW_FIELDS, ToRStage, make_view_builder, rows_to_tensordict, tensordict_to_rows
 from verl_tor.testing import InMemoryKV, KVMeta, LocalLogProbScorer, build_verl_row, compute_sequence_log_probs
 
 QUESTIONS = ["Find the area of the rectangle.", "Find the hypotenuse of the right triangle."]
@@ -110,7 +110,26 @@ def test_stage_weights_match_an_independent_computation(tiny_model, tiny_process
     # `remove` finds images by their tokens: the pixels stay in TransferQueue, off the driver and the view rows
     assert "multi_modal_inputs" not in views[0]["fields"]
     assert not [fields for _, fields in store.gets if fields and "multi_modal_inputs" in fields]
+    # ...and rebuilds input_ids / attention_mask / position_ids from prompts + responses instead of reading them
+    (view_read,) = [f for p, f in store.gets if p == "train" and f and "prompts" in f]
+    assert set(view_read) == {"prompts", "responses", "response_mask", "loss_mask"}
     assert "tor_noimg" not in store.data
+
+
+def test_rows_without_an_image_are_rebuilt_exactly_as_verl_stored_them(tiny_processor, batch):
+    """`remove` reads only prompts/responses/masks; a text-only row, scored as it is, must come back identical."""
+    rows, _, _ = batch
+    builder = make_view_builder(ToRConfig(enable=True), tiny_processor)
+    text_only = rows[-1]
+    read = {key: text_only[key] for key in builder.fields}
+    assert builder(read) is None
+    completed = builder.complete(read)
+    assert list(completed) == list(VIEW_FIELDS)
+    for key in VIEW_FIELDS:
+        assert torch.equal(completed[key], text_only[key]), key
+    with_image = {key: rows[0][key] for key in builder.fields}
+    view = builder(with_image)
+    assert list(view) == list(VIEW_FIELDS) and len(view["input_ids"]) < len(rows[0]["input_ids"])
 
 
 @pytest.mark.parametrize("view", ["blank", "noise"])

@@ -42,6 +42,9 @@ VIEW_KEY_SUFFIX = "@tor_noimg"
 # old log-probs...) is not needed to score the image-free view.
 VIEW_FIELDS = ("prompts", "responses", "response_mask", "loss_mask", "input_ids", "attention_mask", "position_ids")
 MULTI_MODAL_FIELD = "multi_modal_inputs"
+REBUILT_FIELDS = ("input_ids", "attention_mask", "position_ids")
+"""What ``image_view=remove`` rebuilds from ``prompts`` + ``responses`` (verl's own position-id code), so it never reads
+them from TransferQueue."""
 
 
 class KVStore(Protocol):
@@ -66,7 +69,8 @@ class ToRStage:
             ``log_probs`` (full sequence, nested) back to ``store``; e.g. ``actor_rollout_wg.compute_log_prob``.
         make_meta: ``(keys, partition_id, tags, extra_info) -> KVBatchMeta`` (TransferQueue's dataclass).
         build_view: ``(row: dict) -> dict | None``: the image-free version of one trajectory's fields
-            (``verl_tor.views``), or ``None`` when the row has no image.
+            (``verl_tor.views``), or ``None`` when the row has no image. A ``ViewBuilder`` (``make_view_builder``)
+            also says which fields to read and completes the rows without an image.
         store: the TransferQueue KV interface.
         temperature: rollout temperature (log-probs are of the temperature-scaled policy, as verl's old pass).
         extra_meta: extra ``extra_info`` for the scoring call (e.g. ``no_lora_adapter`` for a ref-in-actor).
@@ -170,15 +174,16 @@ class ToRStage:
             has_image: (B,) bool.
         """
         keys, partition = list(batch.keys), batch.partition_id
-        # `remove` finds the image by its tokens and drops the pixels: never pull them to the driver (a batch of
-        # 6144 rollouts of 1024-patch images carries ~29 GB of float32 pixel_values). blank/noise need them.
-        fields = list(VIEW_FIELDS) + ([MULTI_MODAL_FIELD] if self.config.image_view != "remove" else [])
+        views = self.build_view
+        builder = views if isinstance(views, ViewBuilder) else None
+        fields = list(builder.fields) if builder else [*VIEW_FIELDS, MULTI_MODAL_FIELD]
         rows = self.store.kv_batch_get(keys=keys, partition_id=partition, select_fields=fields)
         view_rows, has_image = [], []
         for row in tensordict_to_rows(rows):
-            view = self.build_view(row)
+            view = views(row)
             has_image.append(view is not None)
-            view_rows.append(view if view is not None else row)
+            # a row without an image is scored as it is (its S_t is set to 0): complete what was not read
+            view_rows.append(view if view is not None else builder.complete(row) if builder else row)
         has_image_t = torch.tensor(has_image, dtype=torch.bool)
 
         view_keys = [k + VIEW_KEY_SUFFIX for k in keys]
@@ -297,18 +302,52 @@ def _add_timing(timing_raw: dict, name: str, seconds: float) -> None:
     timing_raw[name] = timing_raw.get(name, 0.0) + seconds
 
 
-def make_view_builder(config: ToRConfig, processor: Any) -> Callable[[dict], dict | None]:
-    """``row -> image-free row | None`` for ``config.image_view``, bound to the run's processor."""
-    from verl_tor.ops import make_generator
-    from verl_tor.views import VisionTokenIds, build_image_free_view
+class ViewBuilder:
+    """``row -> image-free row | None`` for ``config.image_view``, bound to the run's processor.
 
-    token_ids = VisionTokenIds.from_processor(processor)
-    generator = make_generator(config.seed, 0, "noise")
+    ``fields`` is what the stage reads from TransferQueue for it. ``remove`` (the paper's view) finds the image by
+    its tokens, drops the pixels and rebuilds ``input_ids`` / ``attention_mask`` / ``position_ids`` from ``prompts``
+    + ``responses``, so it reads neither the pixels (a batch of 6144 rollouts of 1024-patch images carries ~28 GB of
+    float32 ``pixel_values``) nor the fields it rebuilds; ``blank`` and ``noise`` need the pixels. ``complete(row)``
+    gives a row without an image back whole, to be scored as it is.
+    """
 
-    def build_view(row: dict) -> dict | None:
-        view = build_image_free_view(row, config.image_view, token_ids, processor, config.noise_std, generator)
+    def __init__(self, config: ToRConfig, processor: Any):
+        from verl_tor.ops import make_generator
+        from verl_tor.views import VisionTokenIds
+
+        self.config, self.processor = config, processor
+        self.token_ids = VisionTokenIds.from_processor(processor)
+        self.generator = make_generator(config.seed, 0, "noise")
+        if config.image_view == "remove":
+            self.fields = tuple(f for f in VIEW_FIELDS if f not in REBUILT_FIELDS)
+            self.out_fields = VIEW_FIELDS
+        else:
+            self.fields = self.out_fields = (*VIEW_FIELDS, MULTI_MODAL_FIELD)
+
+    def __call__(self, row: dict) -> dict | None:
+        from verl_tor.views import build_image_free_view
+
+        cfg = self.config
+        view = build_image_free_view(row, cfg.image_view, self.token_ids, self.processor, cfg.noise_std, self.generator)
         if view is None:
             return None
-        return {key: view[key] for key in row}  # the same fields as the with-image rows, in the same order
+        return {key: view[key] for key in self.out_fields}  # the same fields for every row, in the same order
 
-    return build_view
+    def complete(self, row: dict) -> dict:
+        if all(key in row for key in self.out_fields):
+            return {key: row[key] for key in self.out_fields}
+        from verl_tor.views import compute_text_position_ids
+
+        input_ids = torch.cat([row["prompts"], row["responses"]])  # verl: input_ids = prompt + response
+        rebuilt = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "position_ids": compute_text_position_ids(self.processor, input_ids),
+        }
+        return {key: row[key] if key in row else rebuilt[key] for key in self.out_fields}
+
+
+def make_view_builder(config: ToRConfig, processor: Any) -> ViewBuilder:
+    """The ``ViewBuilder`` of ``config.image_view``, bound to the run's processor."""
+    return ViewBuilder(config, processor)
