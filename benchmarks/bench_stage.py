@@ -1,12 +1,13 @@
 """What a ToR step costs on CPU, as ratios measured side by side in one process.
 
-For a tiny and a small random Qwen2.5-VL (verl's model forward: ``apply_monkey_patch``, non-packed path, with
-verl_tor's no-pixel fix), on the same batch of verl rows (geometry images + prompts + random responses):
+For a tiny and a small random Qwen2.5-VL, through verl's own ``FSDPEngineWithLMHead.forward_step`` (its non-packed
+path on CPU: ``apply_monkey_patch`` model forward, with verl_tor's no-pixel fix; one micro-batch per pass, as verl's
+worker runs it), on the same batch of verl rows (geometry images + prompts + random responses):
 
 - ``old pass``: verl's old-policy pass over the with-image rows (log-probs + entropy), as ``_compute_old_log_prob``;
 - ``image-free pass``: the ToR stage's extra pass (views built + scored, no entropy);
 - ``select``: ranking + weights + metrics;
-- ``update``: a vanilla actor update: current log-probs with grad -> verl's ``ppo_loss`` -> backward.
+- ``update``: a vanilla actor update: the engine's forward with verl's ``ppo_loss`` as its loss function -> backward.
 
 Ratios: image-free / old pass (target <= 0.8: it skips the vision tower and the image tokens), and
 (old + update + ToR stage) / (old + update) for the whole step (target <= 1.15 on CPU). Peak memory is measured
@@ -91,20 +92,32 @@ def setup(size: str, rollouts: int, response_length: int, image_size: int, seed:
 
 def prepare(model, processor, rows, keys, store, cfg) -> None:
     """What the later phases need from the old pass (old_log_probs, entropy); run before any measurement."""
-    from verl_tor.testing import LocalLogProbScorer
+    from verl_tor.testing import EngineLogProbScorer
 
-    LocalLogProbScorer.for_model(store, model).compute_old_log_prob(keys)
+    EngineLogProbScorer(store, _engine(model)).compute_old_log_prob(keys)
+
+
+def _engine(model):
+    """verl's real FSDPEngineWithLMHead around ``model`` (non-packed path, device helpers pointed at the CPU)."""
+    global _ENGINE
+    if _ENGINE is None:
+        from verl_tor.testing import build_cpu_engine, patch_engine_device_helpers
+
+        patch_engine_device_helpers()
+        _ENGINE = build_cpu_engine(model)
+        _ENGINE.ulysses_device_mesh = None  # get_data_parallel_group() -> the (absent) default group
+    return _ENGINE
 
 
 def run_phase(phase: str, model, processor, rows, keys, store, cfg) -> float:
     import torch
     from tensordict import TensorDict
 
-    from verl_tor.demo import _loss_step, _nest
+    from verl_tor.demo import _nest
     from verl_tor.stage import ToRStage, make_view_builder
-    from verl_tor.testing import KVMeta, LocalLogProbScorer
+    from verl_tor.testing import EngineLogProbScorer, KVMeta
 
-    scorer = LocalLogProbScorer.for_model(store, model)
+    scorer = EngineLogProbScorer(store, _engine(model))
     meta = KVMeta(keys=keys, partition_id="train", extra_info={"calculate_entropy": True, "temperature": 1.0})
     stage = ToRStage(
         config=cfg.replace(apply="loss"),
@@ -132,11 +145,37 @@ def run_phase(phase: str, model, processor, rows, keys, store, cfg) -> float:
         store.kv_batch_put(
             keys, "train", fields=TensorDict({"advantages": _nest(advantages, mask)}, batch_size=len(keys))
         )
-        _loss_step(model, rows, store, keys, advantages, mask, config=config)
+        _update(model, store, keys, config)
     return time.perf_counter() - t0
 
 
+def _update(model, store, keys, config) -> float:
+    """One actor update over the batch: the engine's forward with verl's ppo_loss, then backward."""
+    from functools import partial
+
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+
+    data = store.kv_batch_get(keys, "train")
+    tu.assign_non_tensor(
+        data,
+        use_remove_padding=False,
+        calculate_entropy=False,
+        temperature=1.0,
+        dp_size=1,
+        batch_num_tokens=None,
+        global_batch_size=None,
+    )
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss, _ = _engine(model).forward_step(data, loss_function=partial(ppo_loss, config=config), forward_only=False)
+    loss.backward()
+    model.eval()
+    return float(loss.detach())
+
+
 _ACTOR_CONFIG = None
+_ENGINE = None
 
 
 def child(args) -> dict:
@@ -149,7 +188,9 @@ def child(args) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     state = setup(args.size, args.rollouts, args.response_length, args.image_size)
-    if args.phase != "old_pass":
+    # select and update read the old pass's outputs; the two passes start from the same state (model + rows), so
+    # their peak memory above it compares like with like (a prior old pass would leave its peak in ru_maxrss)
+    if args.phase not in ("old_pass", "image_free_pass"):
         prepare(*state)
     # peak RSS above the loaded model + data, including the first (warm-up) run: later runs reuse its memory
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
