@@ -58,3 +58,24 @@ def test_hf_backend_on_tiny_model(tiny_checkpoint, geometry_images, tmp_path):
     assert "| mathverse |" in summary_table(results, "tiny").splitlines()[0]
     with pytest.raises(ValueError, match="none of"):
         evaluate(tiny_checkpoint, str(tmp_path / "nowhere"), backend="hf")
+
+
+def test_the_model_is_loaded_once_for_all_benchmarks(tiny_checkpoint, geometry_images, tmp_path, monkeypatch):
+    """One engine for every benchmark (a second vLLM engine in one process would not fit on the GPU)."""
+    import verl_tor.evaluate as ev
+
+    buf = io.BytesIO()
+    geometry_images[0].save(buf, format="PNG")
+    row = {"question": "Find the area.", "answer": "12", "image": {"bytes": buf.getvalue()}, "choices": None}
+    for name in ("mathverse", "wemath", "hallusionbench"):
+        pd.DataFrame([row]).to_parquet(tmp_path / f"{name}.parquet")
+    loads = []
+
+    def counting_loader(model_path):
+        loads.append(model_path)
+        return ev.load_hf(model_path)
+
+    monkeypatch.setitem(ev.BACKENDS, "hf", counting_loader)
+    results = ev.evaluate(tiny_checkpoint, str(tmp_path), backend="hf", k=1, max_new_tokens=2)
+    assert sorted(results) == ["hallusionbench", "mathverse", "wemath"]
+    assert loads == [tiny_checkpoint]

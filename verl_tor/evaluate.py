@@ -139,8 +139,9 @@ def load_benchmark(path: str, limit: int | None = None) -> list[Item]:
     return items
 
 
-def generate_hf(model_path: str, items: Sequence[Item], k: int, max_new_tokens: int) -> list[list[str]]:
-    """k responses per item with transformers' ``generate`` (greedy when k == 1)."""
+def load_hf(model_path: str):
+    """``(items, k, max_new_tokens) -> k responses per item`` with transformers' ``generate`` (greedy when k == 1);
+    the model is loaded once."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -150,39 +151,55 @@ def generate_hf(model_path: str, items: Sequence[Item], k: int, max_new_tokens: 
         model_path, dtype=torch.bfloat16 if device == "cuda" else torch.float32
     ).to(device)
     model.eval()
-    outputs = []
-    for item in items:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.prompt_text()}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        enc = processor(text=[text], images=[item.image], return_tensors="pt").to(device)
-        sampling = {"do_sample": False} if k == 1 else {"do_sample": True, "temperature": 1.0, "top_p": 1.0}
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=k,
-                pad_token_id=processor.tokenizer.pad_token_id,
-                **sampling,
+
+    def generate(items: Sequence[Item], k: int, max_new_tokens: int) -> list[list[str]]:
+        outputs = []
+        for item in items:
+            content = [{"type": "image"}, {"type": "text", "text": item.prompt_text()}]
+            text = processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
             )
-        start = enc["input_ids"].shape[1]
-        outputs.append([processor.tokenizer.decode(o[start:], skip_special_tokens=True) for o in out])
-    return outputs
+            enc = processor(text=[text], images=[item.image], return_tensors="pt").to(device)
+            sampling = {"do_sample": False} if k == 1 else {"do_sample": True, "temperature": 1.0, "top_p": 1.0}
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=k,
+                    pad_token_id=processor.tokenizer.pad_token_id,
+                    **sampling,
+                )
+            start = enc["input_ids"].shape[1]
+            outputs.append([processor.tokenizer.decode(o[start:], skip_special_tokens=True) for o in out])
+        return outputs
+
+    return generate
 
 
-def generate_vllm(model_path: str, items: Sequence[Item], k: int, max_new_tokens: int) -> list[list[str]]:
-    """k responses per item with vLLM (GPU)."""
+def load_vllm(model_path: str):
+    """The same over vLLM (GPU). One engine serves every benchmark: a second ``LLM`` in the same process would not fit
+    next to the first one's reserved GPU memory."""
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
     processor = AutoProcessor.from_pretrained(model_path)
     llm = LLM(model=model_path, limit_mm_per_prompt={"image": 1})
-    params = SamplingParams(n=k, temperature=0.0 if k == 1 else 1.0, top_p=1.0, max_tokens=max_new_tokens)
-    requests = []
-    for item in items:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.prompt_text()}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        requests.append({"prompt": prompt, "multi_modal_data": {"image": item.image}})
-    return [[o.text for o in result.outputs] for result in llm.generate(requests, params)]
+
+    def generate(items: Sequence[Item], k: int, max_new_tokens: int) -> list[list[str]]:
+        params = SamplingParams(n=k, temperature=0.0 if k == 1 else 1.0, top_p=1.0, max_tokens=max_new_tokens)
+        requests = []
+        for item in items:
+            content = [{"type": "image"}, {"type": "text", "text": item.prompt_text()}]
+            prompt = processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+            requests.append({"prompt": prompt, "multi_modal_data": {"image": item.image}})
+        return [[o.text for o in result.outputs] for result in llm.generate(requests, params)]
+
+    return generate
+
+
+BACKENDS = {"hf": load_hf, "vllm": load_vllm}
 
 
 def evaluate(
@@ -194,19 +211,18 @@ def evaluate(
     limit: int | None = None,
     benchmarks: Sequence[str] = BENCHMARKS,
 ) -> dict[str, dict[str, float]]:
-    """Accuracy (avg@k, greedy when k == 1) per benchmark found in ``data_dir``."""
-    generate = {"hf": generate_hf, "vllm": generate_vllm}[backend]
+    """Accuracy (avg@k, greedy when k == 1) per benchmark found in ``data_dir``; the model is loaded once."""
+    paths = {name: os.path.join(data_dir, f"{name}.parquet") for name in benchmarks}
+    paths = {name: path for name, path in paths.items() if os.path.isfile(path)}
+    if not paths:
+        raise ValueError(f"{data_dir}: none of {[b + '.parquet' for b in benchmarks]} found")
+    generate = BACKENDS[backend](model_path)
     results: dict[str, dict[str, float]] = {}
-    for name in benchmarks:
-        path = os.path.join(data_dir, f"{name}.parquet")
-        if not os.path.isfile(path):
-            continue
+    for name, path in paths.items():
         items = load_benchmark(path, limit)
-        responses = generate(model_path, items, k, max_new_tokens)
+        responses = generate(items, k, max_new_tokens)
         scores = [sum(is_correct(r, it.answer, it.choices) for r in rs) / len(rs) for it, rs in zip(items, responses)]
         results[name] = {"accuracy": 100.0 * sum(scores) / len(scores), "n": len(items), "k": k}
-    if not results:
-        raise ValueError(f"{data_dir}: none of {[b + '.parquet' for b in benchmarks]} found")
     return results
 
 
@@ -222,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Score a Hugging Face checkpoint on the paper's benchmarks.")
     parser.add_argument("--model", required=True, help="HF checkpoint dir (merge FSDP checkpoints first)")
     parser.add_argument("--data-dir", required=True, help="folder with <benchmark>.parquet files")
-    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    parser.add_argument("--backend", choices=tuple(BACKENDS), default="hf")
     parser.add_argument("--k", type=int, default=1, help="1 = greedy; K = avg@K with temperature 1.0")
     parser.add_argument("--max-new-tokens", type=int, default=2048)
     parser.add_argument("--limit", type=int, default=None, help="first N items per benchmark")
