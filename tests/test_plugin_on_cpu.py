@@ -166,3 +166,21 @@ def test_bad_tor_values_fail_verl_validation_with_named_field(overrides, message
 
 def test_tor_disabled_validates_with_any_trainer_mode():
     validate(compose("trainer.v1.trainer_mode=sync"))
+
+
+def test_top_p_entropy_is_refused_off_the_fsdp_engine():
+    """The top-p hook lives on verl's FSDP engine: with another strategy ToR would silently rank by full entropy."""
+    from omegaconf import open_dict
+
+    from verl_tor.config import ToRConfigError
+    from verl_tor.trainer import validate_tor_config
+
+    cfg = compose("tor.enable=true", "tor.entropy=top_p")
+    validate_tor_config(cfg, use_reference_policy=True)  # fsdp: fine
+    with open_dict(cfg):
+        cfg.actor_rollout_ref.actor.strategy = "megatron"
+    with pytest.raises(ToRConfigError, match=r"strategy='megatron'.*silently rank.*Fix: use strategy fsdp or fsdp2"):
+        validate_tor_config(cfg, use_reference_policy=True)
+    with open_dict(cfg):
+        cfg.tor.entropy = "full"
+    validate_tor_config(cfg, use_reference_policy=True)  # full entropy comes from any engine

@@ -27,6 +27,9 @@ logger = logging.getLogger("verl_tor")
 TOR_TRAINER_MODE = "tor_sync"
 """``trainer.v1.trainer_mode`` value that selects the ToR trainer."""
 
+TOP_P_STRATEGIES = ("fsdp", "fsdp2")
+"""Actor strategies whose engine (``FSDPEngineWithLMHead``) carries the top-p entropy hook (``verl_tor.engine``)."""
+
 
 def read_tor_config(config: Any) -> ToRConfig:
     """The ``tor`` block of a verl config (absent -> defaults, i.e. disabled)."""
@@ -84,6 +87,13 @@ def validate_tor_config(config: Any, use_reference_policy: bool | None = None) -
         raise ToRConfigError(
             "tor.entropy='top_p' needs the logits, but actor_rollout_ref.model.use_fused_kernels=true never "
             "materialises them. Fix: set actor_rollout_ref.model.use_fused_kernels=false, or tor.entropy=full."
+        )
+    strategy = actor.get("strategy", "fsdp")
+    if tor.entropy == "top_p" and strategy not in TOP_P_STRATEGIES:
+        raise ToRConfigError(
+            f"tor.entropy='top_p' is computed by a hook on verl's FSDP engine, but "
+            f"actor_rollout_ref.actor.strategy={strategy!r}: the old-policy pass would return the full entropy and "
+            f"ToR would silently rank by it. Fix: use strategy {' or '.join(TOP_P_STRATEGIES)}, or tor.entropy=full."
         )
     if tor.entropy == "top_p" and not config.actor_rollout_ref.model.get("use_remove_padding", True):
         raise ToRConfigError(
