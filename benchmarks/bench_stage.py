@@ -40,17 +40,15 @@ def setup(size: str, rollouts: int, response_length: int, image_size: int, seed:
 
     import torch
     from transformers import AutoModelForImageTextToText
-    from verl.models.transformers.monkey_patch import apply_monkey_patch
     from verl.utils import hf_processor
 
-    import verl_tor.qwen2_vl_fix as fix
     from verl_tor import tiny
     from verl_tor.config import ToRConfig
     from verl_tor.demo import build_batch
     from verl_tor.stage import rows_to_tensordict
-    from verl_tor.testing import InMemoryKV
+    from verl_tor.testing import InMemoryKV, setup_cpu_engine
 
-    fix.apply_qwen2_vl_fix()
+    global _ENGINE
     layers, hidden, heads, kv, inter, vdepth, vhidden = SIZES[size]
     text = dict(
         num_hidden_layers=layers,
@@ -76,7 +74,7 @@ def setup(size: str, rollouts: int, response_length: int, image_size: int, seed:
     )
     processor = hf_processor(ckpt)  # verl's loader (binds get_rope_index)
     model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
-    apply_monkey_patch(model, use_remove_padding=False)  # verl's Qwen2.5-VL forward (no flash-attn on CPU)
+    _ENGINE = setup_cpu_engine(model)  # verl's engine around verl's Qwen2.5-VL forward (no flash-attn on CPU)
     g = torch.Generator().manual_seed(seed)
     n_prompts = max(rollouts // 4, 1)
     items = [tiny.make_geometry_problem(seed + i) for i in range(n_prompts)]
@@ -94,19 +92,7 @@ def prepare(model, processor, rows, keys, store, cfg) -> None:
     """What the later phases need from the old pass (old_log_probs, entropy); run before any measurement."""
     from verl_tor.testing import EngineLogProbScorer
 
-    EngineLogProbScorer(store, _engine(model)).compute_old_log_prob(keys)
-
-
-def _engine(model):
-    """verl's real FSDPEngineWithLMHead around ``model`` (non-packed path, device helpers pointed at the CPU)."""
-    global _ENGINE
-    if _ENGINE is None:
-        from verl_tor.testing import build_cpu_engine, patch_engine_device_helpers
-
-        patch_engine_device_helpers()
-        _ENGINE = build_cpu_engine(model)
-        _ENGINE.ulysses_device_mesh = None  # get_data_parallel_group() -> the (absent) default group
-    return _ENGINE
+    EngineLogProbScorer(store, _ENGINE).compute_old_log_prob(keys)
 
 
 def run_phase(phase: str, model, processor, rows, keys, store, cfg) -> float:
@@ -117,7 +103,7 @@ def run_phase(phase: str, model, processor, rows, keys, store, cfg) -> float:
     from verl_tor.stage import ToRStage, make_view_builder
     from verl_tor.testing import EngineLogProbScorer, KVMeta
 
-    scorer = EngineLogProbScorer(store, _engine(model))
+    scorer = EngineLogProbScorer(store, _ENGINE)
     meta = KVMeta(keys=keys, partition_id="train", extra_info={"calculate_entropy": True, "temperature": 1.0})
     stage = ToRStage(
         config=cfg.replace(apply="loss"),
@@ -134,7 +120,7 @@ def run_phase(phase: str, model, processor, rows, keys, store, cfg) -> float:
     elif phase == "select":
         timing: dict = {}
         cfg_select = cfg.replace(apply="loss", mode="reasoning_only")  # ranking + weights only
-        ToRStage(config=cfg_select, score=scorer, make_meta=KVMeta, build_view=lambda r: None, store=store).run(
+        ToRStage(config=cfg_select, score=scorer, make_meta=KVMeta, build_view=None, store=store).run(
             KVMeta(keys=keys, partition_id="train"), {}, timing, step=1
         )
     elif phase == "update":
@@ -168,7 +154,7 @@ def _update(model, store, keys, config) -> float:
     )
     model.train()
     model.zero_grad(set_to_none=True)
-    loss, _ = _engine(model).forward_step(data, loss_function=partial(ppo_loss, config=config), forward_only=False)
+    loss, _ = _ENGINE.forward_step(data, loss_function=partial(ppo_loss, config=config), forward_only=False)
     loss.backward()
     model.eval()
     return float(loss.detach())

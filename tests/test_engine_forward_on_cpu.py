@@ -91,11 +91,10 @@ STAGE = SETUP + textwrap.dedent(
     index = np.array([r["uid"] for r in rows], dtype=object)
     want, _ = compute_tor_weights(ent, (old - noimg).abs() * mask, mask, cfg, index=index, step=5)
 
-    patch_engine_device_helpers()
-    apply_monkey_patch(model, use_remove_padding=False)
+    from verl_tor.testing import setup_cpu_engine
     store = InMemoryKV()
     store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
-    scorer = EngineLogProbScorer(store, build_cpu_engine(model))
+    scorer = EngineLogProbScorer(store, setup_cpu_engine(model))
     from verl.workers.utils.padding import response_from_nested
     from tensordict import TensorDict
     scorer(KVMeta(keys=keys, partition_id="train", extra_info={"calculate_entropy": True, "temperature": 1.0}))

@@ -158,7 +158,16 @@ def add_sequences(store: InMemoryKV, meta: KVMeta) -> None:
 @pytest.mark.parametrize("apply", ["advantage", "loss"])
 def test_tor_enabled_stage_runs_after_verl_advantage(kv, apply):
     from verl_tor.ops import compute_tor_weights
-    from verl_tor.stage import ToRStage
+    from verl_tor.stage import MULTI_MODAL_FIELD, VIEW_FIELDS, ToRStage
+
+    class EveryRowHasAnImage:  # the view content is the scorer's business here
+        fields = (*VIEW_FIELDS, MULTI_MODAL_FIELD)
+
+        def __call__(self, row):
+            return dict(row)
+
+        def complete(self, row):
+            raise AssertionError("every row has an image")
 
     stock = make_trainer("trainer.v1.trainer_mode=sync")
     meta = fill_store(kv, seed=5)
@@ -176,7 +185,7 @@ def test_tor_enabled_stage_runs_after_verl_advantage(kv, apply):
         config=trainer.tor_config,
         score=scorer,
         make_meta=KVMeta,
-        build_view=lambda row: dict(row),  # every row "has an image"; the view content is the scorer's business
+        build_view=EveryRowHasAnImage(),
         store=kv,
         temperature=1.0,
     )

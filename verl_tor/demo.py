@@ -153,7 +153,7 @@ def run_tor(
         config=cfg,
         score=scorer,
         make_meta=KVMeta,
-        build_view=make_view_builder(cfg, processor) if cfg.needs_image_free_pass else (lambda row: None),
+        build_view=make_view_builder(cfg, processor) if cfg.needs_image_free_pass else None,
         store=store,
         temperature=1.0,
         on_weights=lambda **kw: captured.update(kw),
@@ -165,21 +165,11 @@ def run_tor(
 
 
 def engine_scorer(model):
-    """``store -> EngineLogProbScorer``: both passes through verl's real ``FSDPEngineWithLMHead.forward_step``.
+    """``store -> EngineLogProbScorer``: both passes through verl's real ``FSDPEngineWithLMHead.forward_step``
+    (``verl_tor.testing.setup_cpu_engine``: process-wide, so the demo runs in a process of its own)."""
+    from verl_tor.testing import EngineLogProbScorer, setup_cpu_engine
 
-    Sets the process up the way verl's workers are, on CPU: verl's Qwen2.5-VL model patch (non-packed path; the
-    packed one needs flash-attn), verl_tor's Qwen2-VL no-pixel fix (the image-free rows need it), and verl's
-    device helpers pointed at the CPU. The model patch is process-wide: call this in a process of its own.
-    """
-    from verl.models.transformers.monkey_patch import apply_monkey_patch
-
-    from verl_tor.qwen2_vl_fix import apply_qwen2_vl_fix
-    from verl_tor.testing import EngineLogProbScorer, build_cpu_engine, patch_engine_device_helpers
-
-    apply_qwen2_vl_fix()
-    patch_engine_device_helpers()
-    apply_monkey_patch(model, use_remove_padding=False)
-    engine = build_cpu_engine(model)
+    engine = setup_cpu_engine(model)
     return lambda store: EngineLogProbScorer(store, engine)
 
 

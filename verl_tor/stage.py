@@ -47,6 +47,21 @@ REBUILT_FIELDS = ("input_ids", "attention_mask", "position_ids")
 them from TransferQueue."""
 
 
+class Views(Protocol):
+    """Image-free views of trajectories (``ViewBuilder``): what to read, the view, and rows without an image."""
+
+    fields: tuple[str, ...]
+    """The fields to read from TransferQueue for the views."""
+
+    def __call__(self, row: dict) -> dict | None:
+        """The image-free version of one trajectory, or ``None`` when it has no image."""
+        ...
+
+    def complete(self, row: dict) -> dict:
+        """A row without an image, whole, to be scored as it is."""
+        ...
+
+
 class KVStore(Protocol):
     """The subset of ``transfer_queue``'s KV interface the stage uses."""
 
@@ -68,9 +83,8 @@ class ToRStage:
         score: ``(KVBatchMeta) -> Any``; runs verl's log-prob pass over the meta's rows (no grad) and writes
             ``log_probs`` (full sequence, nested) back to ``store``; e.g. ``actor_rollout_wg.compute_log_prob``.
         make_meta: ``(keys, partition_id, tags, extra_info) -> KVBatchMeta`` (TransferQueue's dataclass).
-        build_view: ``(row: dict) -> dict | None``: the image-free version of one trajectory's fields
-            (``verl_tor.views``), or ``None`` when the row has no image. A ``ViewBuilder`` (``make_view_builder``)
-            also says which fields to read and completes the rows without an image.
+        build_view: the image-free views (``make_view_builder``); ``None`` when the config needs no image-free
+            pass (``tor.mode`` reasoning_only / all_tokens).
         store: the TransferQueue KV interface.
         temperature: rollout temperature (log-probs are of the temperature-scaled policy, as verl's old pass).
         extra_meta: extra ``extra_info`` for the scoring call (e.g. ``no_lora_adapter`` for a ref-in-actor).
@@ -80,7 +94,7 @@ class ToRStage:
     config: ToRConfig
     score: Callable[[Any], Any]
     make_meta: Callable[..., Any]
-    build_view: Callable[[dict], dict | None]
+    build_view: Views | None
     store: KVStore
     temperature: float = 1.0
     extra_meta: dict = field(default_factory=dict)
@@ -175,15 +189,15 @@ class ToRStage:
         """
         keys, partition = list(batch.keys), batch.partition_id
         views = self.build_view
-        builder = views if isinstance(views, ViewBuilder) else None
-        fields = list(builder.fields) if builder else [*VIEW_FIELDS, MULTI_MODAL_FIELD]
-        rows = self.store.kv_batch_get(keys=keys, partition_id=partition, select_fields=fields)
+        if views is None:
+            raise RuntimeError(f"ToR: tor.mode={self.config.mode!r} needs image-free views, but the stage has none")
+        rows = self.store.kv_batch_get(keys=keys, partition_id=partition, select_fields=list(views.fields))
         view_rows, has_image = [], []
         for row in tensordict_to_rows(rows):
             view = views(row)
             has_image.append(view is not None)
             # a row without an image is scored as it is (its S_t is set to 0): complete what was not read
-            view_rows.append(view if view is not None else builder.complete(row) if builder else row)
+            view_rows.append(view if view is not None else views.complete(row))
         has_image_t = torch.tensor(has_image, dtype=torch.bool)
 
         view_keys = [k + VIEW_KEY_SUFFIX for k in keys]

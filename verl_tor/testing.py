@@ -30,6 +30,7 @@ __all__ = [
     "EngineLogProbScorer",
     "build_actor_config",
     "build_cpu_engine",
+    "setup_cpu_engine",
     "patch_engine_device_helpers",
     "build_verl_row",
     "compute_sequence_log_probs",
@@ -279,7 +280,25 @@ def build_cpu_engine(model: torch.nn.Module) -> Any:
     engine.pad_to_length = False
     engine.engine_config = types.SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
     engine.compute_entropy_from_logits = verl_F.entropy_from_logits
+    engine.ulysses_device_mesh = None  # get_data_parallel_group() -> the default group (none): forward_step with a loss
     return engine
+
+
+def setup_cpu_engine(model: torch.nn.Module) -> Any:
+    """Set this process up the way verl's workers are, on CPU, and return the engine around ``model``.
+
+    verl_tor's Qwen2-VL no-pixel fix (image-free rows need it), verl's device helpers pointed at the CPU, verl's
+    Qwen2.5-VL model patch (non-packed path; the packed one needs flash-attn), then ``build_cpu_engine``. The model
+    patch is process-wide: call this in a process of its own.
+    """
+    from verl.models.transformers.monkey_patch import apply_monkey_patch
+
+    from verl_tor.qwen2_vl_fix import apply_qwen2_vl_fix
+
+    apply_qwen2_vl_fix()
+    patch_engine_device_helpers()
+    apply_monkey_patch(model, use_remove_padding=False)
+    return build_cpu_engine(model)
 
 
 def patch_engine_device_helpers(monkeypatch: Any = None) -> None:

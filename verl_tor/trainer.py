@@ -233,7 +233,7 @@ def build_stage(trainer: Any):
         config=cfg,
         score=score,
         make_meta=KVBatchMeta,
-        build_view=make_view_builder(cfg, processor) if cfg.needs_image_free_pass else (lambda row: None),
+        build_view=make_view_builder(cfg, processor) if cfg.needs_image_free_pass else None,
         store=tq,
         temperature=float(trainer.config.actor_rollout_ref.rollout.temperature),
         extra_meta=extra_meta,
