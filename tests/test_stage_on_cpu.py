@@ -183,6 +183,7 @@ def test_stage_on_the_real_transfer_queue_matches_the_double(tiny_model, tiny_pr
     _, keys, _ = batch
     cfg = ToRConfig(enable=True, apply=apply, scope="group")
     double, _, want_metrics, _ = run_stage(tiny_model, tiny_processor, batch, cfg)
+    want = _tor_outputs(double, keys)
     try:
         real, scorer, metrics, meta = run_stage(tiny_model, tiny_processor, batch, cfg, tq, tq.KVBatchMeta)
         # verl's workers read only `meta.fields` (verl.utils.transferqueue_utils.kv_batch_meta2batch_meta): the meta
@@ -198,7 +199,7 @@ def test_stage_on_the_real_transfer_queue_matches_the_double(tiny_model, tiny_pr
         assert written | needed <= set(worker_data.keys())
         for name in written:
             got = torch.nested.to_padded_tensor(worker_data[name], 0.0)
-            torch.testing.assert_close(got, _tor_outputs(double, keys)[name], rtol=0, atol=0)
+            torch.testing.assert_close(got, want[name], rtol=0, atol=0)
         if apply == "loss":  # the loss wrapper's input, as the worker builds it
             from verl_tor.loss import fold_tor_weights
 
@@ -207,7 +208,7 @@ def test_stage_on_the_real_transfer_queue_matches_the_double(tiny_model, tiny_pr
                 torch.nested.to_padded_tensor(folded["rollout_is_weights"], 0.0),
                 torch.nested.to_padded_tensor(worker_data["tor_weights"], 0.0),
             )
-        want, got = _tor_outputs(double, keys), _tor_outputs(real, keys)
+        got = _tor_outputs(real, keys)
         assert set(got) == set(want) == ({"tor_weights", "advantages"} if apply == "loss" else {"advantages"})
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
