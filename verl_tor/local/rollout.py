@@ -42,10 +42,22 @@ SERVER_NAME = "verl_tor_hf_server_{replica_rank}"
 """Ray actor name of a replica's server (the worker-side adapter finds it by name, as verl's vLLM adapter does)."""
 
 
-def _request_seed(seed: int, global_steps: int, request_id: str) -> int:
-    """A per-request sampling seed: the same request of the same step samples the same tokens, in any order."""
-    digest = hashlib.sha256(f"{seed}/{global_steps}/{request_id}".encode()).digest()
+def _request_seed(seed: int, global_steps: int, content: str, occurrence: int) -> int:
+    """The sampling seed of the ``occurrence``-th request with this ``content`` (prompt ids + image bytes) in a step.
+
+    verl's V1 agent loop gives no request a stable identity (its ``det-{priority}`` ids are all ``det-0`` there, and
+    the ``n`` rollouts of a prompt are the same request), so identical requests are told apart by how many came
+    before them in the same step: the same run samples the same tokens whatever the interleaving of prompts.
+    """
+    digest = hashlib.sha256(f"{seed}/{global_steps}/{content}/{occurrence}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _content_key(prompt_ids: list[int], images: list[Any] | None) -> str:
+    h = hashlib.sha256(repr(list(prompt_ids)).encode())
+    for image in images or []:
+        h.update(image.tobytes() if hasattr(image, "tobytes") else repr(image).encode())
+    return h.hexdigest()
 
 
 def _sync_weights_enabled(rollout_config: Any) -> bool:
@@ -95,6 +107,8 @@ class HFRolloutServer:
         self.banned_ids = self._vision_token_ids()
         self.eos_ids = self._eos_token_ids()
         self._lock = threading.Lock()
+        self._occurrences: dict[tuple[int, str], int] = {}
+        """(step, content key) -> requests seen (``rollout.full_determinism``: see ``_request_seed``)."""
 
     # ------------------------------------------------------------------ verl's server interface
     async def generate(
@@ -124,8 +138,9 @@ class HFRolloutServer:
                 "Fix: use rollout.name=vllm."
             )
         steps = self.global_steps
+        seed = self._next_seed(list(prompt_ids), image_data, steps)
         token_ids, log_probs = await asyncio.to_thread(
-            self._generate, list(prompt_ids), dict(sampling_params), request_id, image_data, steps
+            self._generate, list(prompt_ids), dict(sampling_params), image_data, seed
         )
         return TokenOutput(
             token_ids=token_ids,
@@ -140,6 +155,7 @@ class HFRolloutServer:
 
     async def set_global_steps(self, global_steps: int) -> None:
         self.global_steps = int(global_steps)
+        self._occurrences = {k: v for k, v in self._occurrences.items() if k[0] >= self.global_steps}
 
     async def get_weights_checksum(self) -> float:
         """Sum of every parameter (float64): tests compare it with the actor's."""
@@ -182,6 +198,15 @@ class HFRolloutServer:
         return None
 
     # ------------------------------------------------------------------ internals
+    def _next_seed(self, prompt_ids: list[int], images: list[Any] | None, global_steps: int) -> int | None:
+        """A reproducible seed under ``rollout.full_determinism``; ``None`` (fresh randomness) otherwise."""
+        if not self.config.full_determinism:
+            return None
+        key = (global_steps, _content_key(prompt_ids, images))
+        occurrence = self._occurrences.get(key, 0)
+        self._occurrences[key] = occurrence + 1
+        return _request_seed(self.config.seed, global_steps, key[1], occurrence)
+
     def _vision_token_ids(self) -> list[int]:
         tok = self.tokenizer
         names = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
@@ -244,7 +269,7 @@ class HFRolloutServer:
 
     @torch.no_grad()
     def _generate(
-        self, prompt_ids: list[int], sampling_params: dict, request_id: str, images, global_steps: int
+        self, prompt_ids: list[int], sampling_params: dict, images, seed: int | None
     ) -> tuple[list[int], list[float] | None]:
         inputs = self._encode(prompt_ids, images)
         prompt_len = inputs["input_ids"].shape[1]
@@ -266,9 +291,9 @@ class HFRolloutServer:
             return_dict_in_generate=True,
             output_logits=True,
         )
-        seed = _request_seed(self.config.seed, global_steps, request_id)
         with self._lock:
-            torch.manual_seed(seed)  # the server's own process: a per-request stream, whatever the arrival order
+            # the server's own process: reseeding the global generator gives each request its own stream
+            torch.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
             out = self.model.generate(**inputs, **kwargs)
         tokens = out.sequences[0, prompt_len:]
         n = len(tokens)  # the EOS token stays, as vLLM returns it
