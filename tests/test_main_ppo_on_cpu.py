@@ -87,7 +87,12 @@ def test_rollout_follows_the_actor_and_drifts_without_the_weight_push(cpu_dir, t
     update; without the push (``rollout.custom.sync_weights=false``) step 2 samples from step 1's policy."""
     assert_ok(tor_run, 2)
     stale = run(
-        cpu_dir, "grpo_tor", "tor_no_push", *TOY_REWARD, "+actor_rollout_ref.rollout.custom.sync_weights=False", LR="1e-3"
+        cpu_dir,
+        "grpo_tor",
+        "tor_no_push",
+        *TOY_REWARD,
+        "+actor_rollout_ref.rollout.custom.sync_weights=False",
+        LR="1e-3",
     )
     assert_ok(stale, 2)
     key = "training/rollout_probs_diff_mean"

@@ -300,4 +300,3 @@ def fix_cpu_process_group() -> bool:
     initialize_global_process_group_ray.__wrapped_original__ = original
     distributed.initialize_global_process_group_ray = initialize_global_process_group_ray
     return True
-

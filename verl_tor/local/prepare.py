@@ -15,9 +15,7 @@ import os
 __all__ = ["prepare", "write_geometry_parquet"]
 
 DATA_SOURCE = "hiyouga/geometry3k"
-INSTRUCTION = (
-    "Think inside <think> </think>, then give the final answer in \\boxed{}."
-)
+INSTRUCTION = "Think inside <think> </think>, then give the final answer in \\boxed{}."
 
 
 def write_geometry_parquet(path: str, n: int, seed: int) -> str:

@@ -64,7 +64,9 @@ def _sync_weights_enabled(rollout_config: Any) -> bool:
     custom = getattr(rollout_config, "custom", None) or {}
     value = custom.get("sync_weights", True) if hasattr(custom, "get") else True
     if not isinstance(value, bool):
-        raise ValueError(
+        from verl_tor.local import LocalBackendError
+
+        raise LocalBackendError(
             f"actor_rollout_ref.rollout.custom.sync_weights={value!r} is invalid. Fix: give true or false."
         )
     return value
@@ -138,7 +140,7 @@ class HFRolloutServer:
                 "Fix: use rollout.name=vllm."
             )
         steps = self.global_steps
-        seed = self._next_seed(list(prompt_ids), image_data, steps)
+        seed = self._next_seed(list(prompt_ids), image_data, steps, sampling_params)
         token_ids, log_probs = await asyncio.to_thread(
             self._generate, list(prompt_ids), dict(sampling_params), image_data, seed
         )
@@ -198,11 +200,19 @@ class HFRolloutServer:
         return None
 
     # ------------------------------------------------------------------ internals
-    def _next_seed(self, prompt_ids: list[int], images: list[Any] | None, global_steps: int) -> int | None:
-        """A reproducible seed under ``rollout.full_determinism``; ``None`` (fresh randomness) otherwise."""
-        if not self.config.full_determinism:
+    def _next_seed(
+        self, prompt_ids: list[int], images: list[Any] | None, global_steps: int, sampling_params: dict
+    ) -> int | None:
+        """A reproducible seed under ``rollout.full_determinism``; ``None`` (fresh randomness) otherwise.
+
+        Greedy requests (validation's default) need no seed and are not counted, so a validation pass between two
+        steps leaves the training requests' seeds as an uninterrupted or a resumed run gives them; the sampling
+        parameters are part of the key, so sampled validation requests do not shift training ones either.
+        """
+        if not self.config.full_determinism or float(sampling_params.get("temperature", 1.0)) <= 0:
             return None
-        key = (global_steps, _content_key(prompt_ids, images))
+        params = tuple(sampling_params.get(k) for k in ("temperature", "top_p", "top_k"))
+        key = (global_steps, _content_key(prompt_ids, images) + repr(params))
         occurrence = self._occurrences.get(key, 0)
         self._occurrences[key] = occurrence + 1
         return _request_seed(self.config.seed, global_steps, key[1], occurrence)
