@@ -1,4 +1,4 @@
-"""verl's real trainer on a laptop: a CPU platform and a Hugging Face rollout, registered through verl's extension points.
+"""verl's real trainer on a laptop: a CPU platform and a Hugging Face rollout, through verl's extension points.
 
 ``python -m verl.trainer.main_ppo`` (Ray, TransferQueue, the agent loop, the FSDP2 actor, weight sync, reward
 workers) runs unchanged on a machine without GPUs or vLLM once verl finds:

@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["CPUPlatform", "CPU_PLATFORM", "register_cpu_platform", "register_cpu_engines", "fix_cpu_process_group"]
+__all__ = [
+    "cpu_platform_class",
+    "CPU_PLATFORM",
+    "register_cpu_platform",
+    "register_cpu_engines",
+    "fix_cpu_process_group",
+]
 
 CPU_PLATFORM = "cpu"
 """The ``VERL_PLATFORM`` value (and ``PlatformRegistry`` key) of the CPU platform."""

@@ -33,7 +33,7 @@ import torch
 
 logger = logging.getLogger("verl_tor")
 
-__all__ = ["ROLLOUT_NAME", "HFRolloutServer", "HFServerAdapter", "get_replica_class", "register_hf_rollout"]
+__all__ = ["ROLLOUT_NAME", "HFRolloutServer", "get_replica_class", "register_hf_rollout"]
 
 ROLLOUT_NAME = "hf"
 """``actor_rollout_ref.rollout.name`` of this backend."""
