@@ -86,12 +86,43 @@ def test_plugin_import_error_is_a_warning_not_silence(tmp_path):
 
 
 def test_version_check_names_range(monkeypatch):
+    import re
+
+    import verl
+
     import verl_tor.plugin as plugin
+    from verl_tor import SUPPORTED_VERL
 
     assert plugin.check_verl_version() is None  # the pinned verl is installed here
-    monkeypatch.setattr(plugin, "_VERSION_ERROR", "verl 0.10.0 is outside verl_tor's supported range")
-    with pytest.raises(RuntimeError, match="supported range.*Fix: pip install 'verl>=0.9.1,<0.9.2'"):
+    monkeypatch.setattr(verl, "__version__", "0.11.0")
+    reason = plugin.check_verl_version()
+    assert reason == f"verl 0.11.0 is outside verl_tor's supported range verl{SUPPORTED_VERL}"
+    monkeypatch.setattr(plugin, "_VERSION_ERROR", reason)
+    with pytest.raises(RuntimeError, match=re.escape(f"Fix: pip install 'verl{SUPPORTED_VERL}'")):
         plugin.assert_ready()
+
+
+@pytest.mark.parametrize(
+    ("version", "supported"),
+    [
+        ("0.9.1", True),  # the pinned release
+        ("0.10.0.dev", True),  # verl's main branch (verl/version/version), i.e. 0.10.0.dev0
+        ("0.10.0.dev0", True),
+        ("0.9.0", False),
+        ("0.11.0.dev0", False),  # the next minor's dev builds were never checked
+        ("0.11.0", False),
+    ],
+)
+def test_supported_range_admits_the_main_branch_pre_release(monkeypatch, version, supported):
+    """The version check reads the verl this process imports (``verl.__version__``, right for a source checkout on
+    PYTHONPATH too) and admits main's pre-release, which a plain ``<0.11`` bound would skip."""
+    import verl
+
+    import verl_tor.plugin as plugin
+
+    monkeypatch.setattr(verl, "__version__", version)
+    assert plugin.verl_version() == version
+    assert (plugin.check_verl_version() is None) is supported
 
 
 def compose(*overrides: str, config_name: str = "tor_trainer"):
