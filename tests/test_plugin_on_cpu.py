@@ -184,6 +184,21 @@ def test_one_flag_on_stock_ppo_trainer_validates():
             r"use_fused_kernels=false",
         ),
         (["tor.enable=true", "tor.scorer_policy=ref"], r"no reference policy.*Fix: set tor\.scorer_policy=old"),
+        (
+            ["tor.enable=true", "trainer.v1.trainer_mode=colocate_async"],
+            r"trainer_mode='colocate_async'.*Fix: set trainer\.v1\.trainer_mode=tor_colocate_async",
+        ),
+        (
+            ["tor.enable=true", "trainer.v1.trainer_mode=separate_async"],
+            r"trainer_mode='separate_async'.*swapping the π_old weights in and out inside "
+            r"PPOTrainerSeparateAsync\._compute_old_log_prob.*current weights.*scoring and selection.*"
+            r"Fix: use trainer\.v1\.trainer_mode=tor_colocate_async",
+        ),
+        (
+            ["tor.enable=true", "algorithm.rollout_correction.bypass_mode=true"],
+            r"bypass_mode=true: verl then skips the old-policy pass.*Fix",
+        ),
+        (["tor.enable=true", "algorithm.adv_estimator=remax"], r"adv_estimator='remax'.*reward_baselines.*Fix"),
         (["+tor.reasoning_ratoi=0.2"], r"tor\.reasoning_ratoi: unknown field.*tor\.reasoning_ratio"),
     ],
 )
@@ -197,6 +212,23 @@ def test_bad_tor_values_fail_verl_validation_with_named_field(overrides, message
 
 def test_tor_disabled_validates_with_any_trainer_mode():
     validate(compose("trainer.v1.trainer_mode=sync"))
+
+
+def test_tor_colocate_async_validates_through_verl():
+    cfg = compose("tor.enable=true", "trainer.v1.trainer_mode=tor_colocate_async")
+    validate(cfg)
+    assert cfg.trainer.v1.trainer_mode == "tor_colocate_async"
+
+
+def test_gae_is_refused_unless_opted_in():
+    """Checked with ToR's own validation: verl's would first want a critic model path for gae."""
+    from verl_tor.config import ToRConfigError
+    from verl_tor.trainer import validate_tor_config
+
+    cfg = compose("tor.enable=true", "algorithm.adv_estimator=gae")
+    with pytest.raises(ToRConfigError, match=r"adv_estimator='gae'.*critic still trains.*Fix: .*tor\.allow_gae=true"):
+        validate_tor_config(cfg, use_reference_policy=True)
+    assert validate_tor_config(compose("tor.enable=true", "algorithm.adv_estimator=gae", "tor.allow_gae=true")).allow_gae
 
 
 def test_top_p_entropy_is_refused_off_the_fsdp_engine():
