@@ -228,7 +228,9 @@ def test_gae_is_refused_unless_opted_in():
     cfg = compose("tor.enable=true", "algorithm.adv_estimator=gae")
     with pytest.raises(ToRConfigError, match=r"adv_estimator='gae'.*critic still trains.*Fix: .*tor\.allow_gae=true"):
         validate_tor_config(cfg, use_reference_policy=True)
-    assert validate_tor_config(compose("tor.enable=true", "algorithm.adv_estimator=gae", "tor.allow_gae=true")).allow_gae
+    assert validate_tor_config(
+        compose("tor.enable=true", "algorithm.adv_estimator=gae", "tor.allow_gae=true")
+    ).allow_gae
 
 
 def test_top_p_entropy_is_refused_off_the_fsdp_engine():

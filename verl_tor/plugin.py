@@ -7,7 +7,7 @@ modules from here would be slow and circular (verl is half-imported at that mome
 ==================================================  =====================================================
 target module (verl 0.9.1)                          what verl_tor does there
 ==================================================  =====================================================
-``verl.trainer.ppo.v1``                             registers ``tor_sync``, ``tor_colocate_async`` (``verl_tor.trainer``)
+``verl.trainer.ppo.v1``                             registers modes ``tor_sync``, ``tor_colocate_async``
 ``verl.utils.config``                               wraps ``validate_config`` to validate the ``tor`` block
 ``verl.models.transformers.qwen2_vl``               fixes the no-pixel forward bug, only when present
 ``verl.workers.engine.fsdp.transformer_impl``       top-p entropy in the old-policy pass (``tor.entropy=top_p``)

@@ -116,7 +116,9 @@ def _tokenizer_files(vocab_size: int) -> str:
 
 def _check_family(family: str) -> str:
     if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is not a supported model family. Fix: choose one of {', '.join(FAMILIES)}.")
+        raise ValueError(
+            f"family={family!r} is not a supported model family. Fix: choose one of {', '.join(FAMILIES)}."
+        )
     return family
 
 
@@ -266,7 +268,9 @@ def build_tiny_config(family: str = DEFAULT_FAMILY, processor: Any | None = None
     )
 
 
-def build_tiny_model(family: str = DEFAULT_FAMILY, seed: int = 0, processor: Any | None = None, **overrides: Any) -> Any:
+def build_tiny_model(
+    family: str = DEFAULT_FAMILY, seed: int = 0, processor: Any | None = None, **overrides: Any
+) -> Any:
     """A randomly initialised ``*ForConditionalGeneration`` of ``family`` (float32, eval mode), seeded."""
     import torch
     from transformers import AutoModelForImageTextToText
