@@ -46,9 +46,10 @@ def test_bare_import_verl_registers_everything():
     code = (
         "import sys, verl\n"
         "assert 'verl_tor.plugin' in sys.modules, 'plugin not loaded by import verl'\n"
-        "from verl.trainer.ppo.v1 import get_trainer_cls, PPOTrainerSync\n"
+        "from verl.trainer.ppo.v1 import get_trainer_cls, PPOTrainerSync, PPOTrainerColocateAsync\n"
         "cls = get_trainer_cls('tor_sync')\n"
         "assert issubclass(cls, PPOTrainerSync), cls\n"
+        "assert issubclass(get_trainer_cls('tor_colocate_async'), PPOTrainerColocateAsync)\n"
         "import verl.utils.config as c; assert c.validate_config.__verl_tor__\n"
         "import verl.workers.engine.fsdp.transformer_impl as e\n"
         "assert e.FSDPEngineWithLMHead.prepare_model_outputs.__verl_tor__\n"
