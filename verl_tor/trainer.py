@@ -44,15 +44,17 @@ SEPARATE_ASYNC_REASON = (
 )
 """Why ``separate_async`` is refused (``validate_tor_config``)."""
 
+_NO_SUM_PI_SQUARED = (
+    "verl's V1 _compute_advantage never reads sum_pi_squared from TransferQueue (even with "
+    "actor.calculate_sum_pi_squared=true), so the estimator raises AssertionError at step 1, with or without ToR"
+)
 REFUSED_ESTIMATORS: dict[str, str] = {
     "remax": "verl's V1 _compute_advantage never passes reward_baselines (the V1 trainer has no ReMax greedy-baseline "
     "rollout), so compute_remax_outcome_advantage raises TypeError at step 1, with or without ToR",
     "gdpo": "verl's V1 _compute_advantage passes only uid to the estimator, not the per-component rewards "
     "(algorithm.gdpo_reward_keys) GDPO normalises, so it raises AssertionError at step 1, with or without ToR",
-    "optimal_token_baseline": "verl's V1 _compute_advantage never reads sum_pi_squared from TransferQueue (even with "
-    "actor.calculate_sum_pi_squared=true), so the estimator raises AssertionError at step 1, with or without ToR",
-    "tir_optimal_token_baseline": "verl's V1 _compute_advantage never reads sum_pi_squared from TransferQueue (even "
-    "with actor.calculate_sum_pi_squared=true), so the estimator raises AssertionError at step 1, with or without ToR",
+    "optimal_token_baseline": _NO_SUM_PI_SQUARED,
+    "tir_optimal_token_baseline": _NO_SUM_PI_SQUARED,
 }
 """Advantage estimators registered in verl that its own V1 trainer cannot run (checked on CPU by
 ``tests/test_estimator_matrix_on_cpu.py``, ToR off): ToR refuses them before the first rollout instead."""
