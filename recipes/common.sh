@@ -34,6 +34,10 @@ PROJECT_NAME=${PROJECT_NAME:-verl_tor_geo3k}
 LOGGER=${LOGGER:-'["console","wandb"]'}          # '["console"]' without a wandb login
 SAVE_FREQ=${SAVE_FREQ:-20}
 TEST_FREQ=${TEST_FREQ:-5}
+# ---- model family ------------------------------------------------------------------------------------------------
+# Vision patch size given to verl's data pipeline (qwen-vl-utils resizes images to multiples of 2 x this before the
+# processor sees them). Empty: verl's own default, data.image_patch_size=14 (Qwen2-VL / Qwen2.5-VL); Qwen3-VL: 16.
+IMAGE_PATCH_SIZE=${IMAGE_PATCH_SIZE:-}
 
 # run_recipe ALGO EXPERIMENT [overrides...]: ALGO is grpo or dapo; the rest are hydra overrides (ToR flags, "$@").
 run_recipe() {
@@ -114,6 +118,9 @@ run_recipe() {
       return 2
       ;;
   esac
+  if [[ -n "$IMAGE_PATCH_SIZE" ]]; then
+    args+=(data.image_patch_size="$IMAGE_PATCH_SIZE")
+  fi
   args+=("$@")
   if [[ "${VERL_TOR_DRY_RUN:-0}" == "1" ]]; then
     printf '%s\n' "${args[@]}"

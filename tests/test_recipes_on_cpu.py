@@ -12,7 +12,13 @@ import pytest
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "recipes").glob("qwen2_5_vl_*_geo3k/*.sh"))
+MODELS = {
+    "qwen2_5_vl_7b_geo3k": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2_5_vl_3b_geo3k": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen3_vl_8b_geo3k": "Qwen/Qwen3-VL-8B-Instruct",
+    "qwen3_vl_4b_geo3k": "Qwen/Qwen3-VL-4B-Instruct",
+}
+SCRIPTS = sorted(p for model in MODELS for p in (ROOT / "recipes" / model).glob("*.sh"))
 NAMES = {
     "grpo",
     "grpo_tor",
@@ -53,7 +59,8 @@ def test_every_model_has_every_arm():
     by_model: dict[str, set[str]] = {}
     for script in SCRIPTS:
         by_model.setdefault(script.parent.name, set()).add(script.stem)
-    assert set(by_model) == {"qwen2_5_vl_7b_geo3k", "qwen2_5_vl_3b_geo3k"}
+    assert set(by_model) == set(MODELS)
+    assert {p.name for p in (ROOT / "recipes").glob("qwen*_geo3k")} == set(MODELS)  # no model directory left out
     assert all(names == NAMES for names in by_model.values())
 
 
@@ -84,7 +91,7 @@ def flat(cfg) -> dict:
     return out
 
 
-@pytest.mark.parametrize("model", ["qwen2_5_vl_7b_geo3k", "qwen2_5_vl_3b_geo3k"])
+@pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize(
     ("base", "tor"),
     [
@@ -116,6 +123,20 @@ def test_algorithms_map_to_the_paper_settings(composed):
     assert dapo.algorithm.filter_groups.enable and dapo.algorithm.filter_groups.metric == "acc"
     assert dapo.reward.reward_manager.name == "dapo" and dapo.reward.reward_kwargs.overlong_buffer_cfg.enable
     assert grpo.actor_rollout_ref.rollout.name == "vllm" and grpo.actor_rollout_ref.actor.strategy == "fsdp2"
+
+
+def test_each_model_family_gets_its_own_settings(composed):
+    """Same recipe for every model; only the model and the vision patch size verl's data pipeline resizes images
+    with differ (Qwen3-VL: 16-px patches; Qwen2.5-VL: verl's default 14, not even on the command line)."""
+    reference = flat(composed[ROOT / "recipes" / "qwen2_5_vl_7b_geo3k" / "grpo_tor.sh"])
+    for model, hub_id in MODELS.items():
+        cfg = composed[ROOT / "recipes" / model / "grpo_tor.sh"]
+        assert cfg.actor_rollout_ref.model.path == hub_id
+        qwen3 = model.startswith("qwen3_vl")
+        assert cfg.data.image_patch_size == (16 if qwen3 else 14)
+        assert ("data.image_patch_size=16" in dry_run(ROOT / "recipes" / model / "grpo_tor.sh")) is qwen3
+        diff = {k for k, v in flat(cfg).items() if reference.get(k) != v}
+        assert diff <= {"actor_rollout_ref.model.path", "trainer.experiment_name", "data.image_patch_size"}, diff
 
 
 def test_overrides_and_env_reach_the_command():

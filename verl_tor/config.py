@@ -109,6 +109,13 @@ class ToRConfig:
     |T_r| of them weighted γ_r and the rest γ_p, so the weight histogram matches ``tor``; it still runs the
     image-free pass to count T_p) or ``all_tokens`` (weight 1 everywhere: plain GRPO/DAPO through the ToR path)."""
 
+    allow_gae: bool = False
+    """Allow ToR with a critic (``algorithm.adv_estimator=gae``, PPO). ToR then multiplies each token's GAE
+    advantage by its weight w_t ∈ {0, γ_p, γ_r}: the tokens outside T_r ∪ T_p (40-70 % at the paper's ratios) lose
+    their per-token credit, the whitened advantages no longer have mean 0 / std 1 over the tokens that train, and
+    the critic still trains on every token's return. Not what the paper studies (outcome rewards: GRPO, DAPO).
+    Default ``false``: ``gae`` is refused with this reason."""
+
     seed: int = 0
     """Seed of the deterministic tie-breaking permutation (top-p entropy gives many exact zeros) and of the
     ``random`` mode. Combined with the training step, so each step breaks ties differently but reproducibly."""
@@ -180,8 +187,9 @@ class ToRConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 fail(name, f"give an integer >= {low}")
 
-        if not isinstance(self.enable, bool):
-            fail("enable", "give true or false")
+        for name in ("enable", "allow_gae"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "give true or false")
         for name in ("reasoning_ratio", "perception_ratio"):
             if not 0.0 <= coerce_float(name) <= 1.0:
                 fail(name, "give a fraction in [0, 1] (paper: 0.3)")

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from verl_tor import SUPPORTED_MODELS
+
 __all__ = ["VisionTokenIds", "build_image_free_view", "compute_text_position_ids"]
 
 VIEWS = ("remove", "blank", "noise")
@@ -26,7 +28,7 @@ VIEWS = ("remove", "blank", "noise")
 
 @dataclass(frozen=True)
 class VisionTokenIds:
-    """Token ids of Qwen2/2.5-VL's vision markers."""
+    """Token ids of the vision markers Qwen2-VL, Qwen2.5-VL and Qwen3-VL share."""
 
     vision_start: int
     vision_end: int
@@ -47,8 +49,8 @@ class VisionTokenIds:
             token_id = tok.convert_tokens_to_ids(token)
             if token_id is None or token_id == tok.unk_token_id:
                 raise ValueError(
-                    f"the processor's tokenizer has no {token} token: ToR's image-free view supports Qwen2-VL / "
-                    "Qwen2.5-VL processors. Fix: use such a model, or set tor.mode=reasoning_only."
+                    f"the processor's tokenizer has no {token} token: ToR's image-free view supports "
+                    f"{SUPPORTED_MODELS} processors. Fix: use such a model, or set tor.mode=reasoning_only."
                 )
             ids[field_name] = int(token_id)
         return cls(**ids)
