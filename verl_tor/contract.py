@@ -83,6 +83,30 @@ VERL_CONTRACT: tuple[str, ...] = (
     "verl.models.transformers.monkey_patch:apply_monkey_patch",
     "verl.utils.torch_functional:entropy_from_logits",
     "verl.utils.tensordict_utils:assign_non_tensor",
+    # verl_tor/mrope_fix.py: equal-length M-RoPE batches
+    "verl.utils.tensordict_utils:maybe_fix_3d_position_ids",
+    # verl_tor/local/: the CPU platform, verl's FSDP engines for it, the process group, the hf rollout
+    "verl.plugin.platform.platform_base:PlatformBase",
+    "verl.plugin.platform.platform_manager:PlatformRegistry",
+    "verl.plugin.platform.platform_manager:get_platform",
+    "verl.workers.engine.base:EngineRegistry",
+    "verl.workers.engine.fsdp.transformer_impl:FSDPEngine._build_fsdp_module",
+    "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithValueHead",
+    "verl.workers.engine.fsdp.transformer_impl:FSDPEngine.get_per_tensor_param",
+    "verl.utils.distributed:initialize_global_process_group_ray",
+    "verl.workers.engine_workers:ActorRolloutRefWorker.init_model",
+    "verl.workers.engine_workers:ActorRolloutRefWorker.update_weights",
+    "verl.workers.rollout.base:BaseRollout",
+    "verl.workers.rollout.base:get_rollout_class",
+    "verl.workers.rollout.replica:RolloutReplica",
+    "verl.workers.rollout.replica:RolloutReplicaRegistry",
+    "verl.workers.rollout.replica:TokenOutput",
+    "verl.workers.rollout.utils:qwen2_5_vl_dedup_image_tokens",
+    "verl.workers.rollout.llm_server:LLMServerClient.generate",
+    "verl.workers.rollout.llm_server:LLMServerManager._initialize_llm_servers",
+    "verl.experimental.agent_loop.single_turn_agent_loop:SingleTurnAgentLoop.run",
+    "verl.checkpoint_engine.base:CheckpointEngineManager.update_weights",
+    "verl.workers.config.model:HFModelConfig",
 )
 """``module:qualname`` of every verl function or class verl_tor patches, subclasses, calls or copies behaviour from.
 Keep one per line, grouped by the verl_tor module that needs it."""

@@ -134,7 +134,7 @@ def _device_module() -> _CPUDeviceModule:
 
 
 def _make_platform_class():
-    from verl.plugin.platform import PlatformBase
+    from verl.plugin.platform.platform_base import PlatformBase
 
     class CPUPlatform(PlatformBase):
         """verl platform ``cpu``: FSDP on CPU with gloo, one logical Ray ``GPU`` slot per worker."""
@@ -238,7 +238,8 @@ def register_cpu_platform() -> bool:
     Raises ``RuntimeError`` when verl already resolved another platform in this process: every verl call would
     then keep using it.
     """
-    from verl.plugin.platform import PlatformRegistry, platform_manager
+    from verl.plugin.platform import platform_manager
+    from verl.plugin.platform.platform_manager import PlatformRegistry
 
     cls = cpu_platform_class()
     if PlatformRegistry.get(CPU_PLATFORM) is cls:

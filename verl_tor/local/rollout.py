@@ -82,7 +82,7 @@ class HFRolloutServer:
     def __init__(self, config: Any, model_config: Any, replica_rank: int = 0):
         from transformers import AutoModelForImageTextToText
         from verl.utils.config import omega_conf_to_dataclass
-        from verl.workers.config import HFModelConfig
+        from verl.workers.config.model import HFModelConfig
 
         self.config = omega_conf_to_dataclass(config)
         self.model_config = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
@@ -413,7 +413,7 @@ def _make_replica_class():
                     f"world size is {self.world_size} (tensor x data x pipeline parallel). Fix: set "
                     "actor_rollout_ref.rollout.tensor_model_parallel_size=1 (and data/pipeline parallel 1)."
                 )
-            from verl.plugin.platform import get_platform
+            from verl.plugin.platform.platform_manager import get_platform
 
             worker = self.workers[0]
             node_id = await worker.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
