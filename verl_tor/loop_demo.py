@@ -1,0 +1,128 @@
+"""``verl-tor demo``: verl's real trainer (``python -m verl.trainer.main_ppo``) with ToR, a few steps on CPU.
+
+1. ``verl_tor.local.prepare`` writes a tiny Qwen2.5-VL checkpoint and geometry problems in verl's RL format;
+2. ``recipes/cpu_tiny/grpo_tor.sh`` runs verl's trainer on them (Ray, TransferQueue, the agent loop with the ``hf``
+   rollout, the FSDP2 actor on the ``cpu`` platform, weight sync, reward workers) with ``tor.log_token_maps`` on;
+3. a progress line per step (reward, policy loss, the ``tor/*`` metrics, times) as verl logs it, then a summary
+   with the token maps the training-time writer wrote.
+
+``verl-tor demo --one-step`` runs the single-step walk-through instead (``verl_tor.demo``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LoopDemoResult", "run_loop_demo", "format_step"]
+
+PROGRESS_KEYS = (
+    ("critic/score/mean", "reward", "{:.3f}"),
+    ("actor/pg_loss", "pg_loss", "{:+.4f}"),
+    ("tor/reasoning_frac", "T_r", "{:.2f}"),
+    ("tor/perception_frac", "T_p", "{:.2f}"),
+    ("tor/overlap_frac", "both", "{:.2f}"),
+    ("tor/weight_mean", "w̄", "{:.2f}"),
+    ("tor/entropy_threshold", "H cut", "{:.2f}"),
+    ("tor/sensitivity_threshold", "|Δlogp| cut", "{:.2f}"),
+    ("timing_s/tor_noimg", "noimg", "{:.2f}s"),
+    ("timing_s/tor_select", "select", "{:.2f}s"),
+    ("timing_s/step", "step", "{:.1f}s"),
+)
+
+
+@dataclass
+class LoopDemoResult:
+    returncode: int
+    steps: list[dict]
+    token_maps: list[str]
+    log_path: str
+    out_dir: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def format_step(step: dict, total: int) -> str:
+    """One progress line from verl's per-step metrics."""
+    parts = [f"step {step['step']}/{total}"]
+    for key, label, fmt in PROGRESS_KEYS:
+        if key in step:
+            parts.append(f"{label} {fmt.format(step[key])}")
+    return "  ".join(parts)
+
+
+def run_loop_demo(
+    out_dir: str,
+    steps: int = 4,
+    seed: int = 0,
+    recipe: str = "grpo_tor",
+    overrides: tuple[str, ...] = (),
+    token_map_every: int = 1,
+    print_fn: Any = print,
+) -> LoopDemoResult:
+    """Prepare the model and data under ``out_dir``, run the CPU recipe for ``steps`` steps, report as it goes."""
+    from verl_tor.local.launch import run_cpu_recipe
+    from verl_tor.local.prepare import prepare
+
+    out_dir = os.path.abspath(out_dir)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    paths = prepare(out_dir, seed=seed)
+    seconds["prepare"] = time.perf_counter() - t0
+    print_fn(f"[demo] model {paths['model']}, data {os.path.dirname(paths['train'])} ({seconds['prepare']:.1f} s)")
+    print_fn(
+        f"[demo] verl's main_ppo: recipes/cpu_tiny/{recipe}.sh, {steps} steps (verl's own output: "
+        f"{os.path.join(out_dir, 'runs', recipe, 'main_ppo.log')})"
+    )
+
+    def on_step(step: dict) -> None:
+        if "step" in step and any(k.startswith("tor/") or k.startswith("actor/") for k in step):
+            print_fn("[demo] " + format_step(step, steps))
+
+    maps = [f"tor.log_token_maps={token_map_every}", "tor.log_token_maps_rollouts=8"] if token_map_every else []
+    t0 = time.perf_counter()
+    run = run_cpu_recipe(
+        recipe,
+        [*maps, *overrides],
+        cpu_dir=out_dir,
+        experiment=recipe,
+        env={"TOTAL_STEPS": str(steps), "SEED": str(seed + 1)},
+        on_step=on_step,
+    )
+    seconds["main_ppo"] = time.perf_counter() - t0
+    map_dir = os.path.join(run.out_dir, "tor_token_maps")
+    token_maps = sorted(os.path.join(map_dir, f) for f in os.listdir(map_dir)) if os.path.isdir(map_dir) else []
+    return LoopDemoResult(
+        returncode=run.returncode,
+        steps=run.steps,
+        token_maps=token_maps,
+        log_path=run.log_path,
+        out_dir=run.out_dir,
+        seconds=seconds,
+    )
+
+
+def main(out_dir: str, steps: int, seed: int, recipe: str, overrides: list[str]) -> int:
+    t0 = time.perf_counter()
+    result = run_loop_demo(out_dir, steps=steps, seed=seed, recipe=recipe, overrides=tuple(overrides))
+    total = time.perf_counter() - t0
+    if result.returncode != 0:
+        from verl_tor.local.launch import LoopRun
+
+        tail = LoopRun(returncode=result.returncode, log_path=result.log_path).tail(40)
+        print(f"\n[demo] verl's main_ppo failed (exit {result.returncode}); the end of {result.log_path}:\n{tail}")
+        return 1
+    last = result.steps[-1] if result.steps else {}
+    tor = {k: v for k, v in sorted(last.items()) if k.startswith("tor/")}
+    print(f"\n[demo] {len(result.steps)} steps of verl's real trainer with ToR in {total:.0f} s")
+    if tor:
+        width = max(len(k) for k in tor)
+        print(f"[demo] last step's ToR metrics:")
+        for key, value in tor.items():
+            print(f"         {key:<{width}}  {value:.4f}")
+    if result.token_maps:
+        print(f"[demo] token maps ({len(result.token_maps)}): {os.path.dirname(result.token_maps[0])}/")
+        print(f"[demo] open {result.token_maps[-1]}")
+    print(f"[demo] checkpoints, metrics.jsonl and verl's log: {result.out_dir}")
+    return 0
