@@ -8,7 +8,6 @@ function of the response text) gives GRPO non-zero advantages. Marked ``loop``: 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -61,16 +60,20 @@ def training_metrics(step: dict) -> dict:
     return {k: v for k, v in step.items() if not any(part in k for part in VOLATILE)}
 
 
+MAPS = ("tor.log_token_maps=1", "tor.log_token_maps_rollouts=16")
+
+
 @pytest.fixture(scope="module")
 def tor_run(cpu_dir):
-    """ToR-GRPO, 2 steps, a large learning rate so that one update visibly moves the policy."""
-    return run(cpu_dir, "grpo_tor", "tor", *TOY_REWARD, LR="1e-3")
+    """ToR-GRPO, 3 steps with validation and a checkpoint at step 2, a token map every step, and a learning rate
+    large enough that one update visibly moves the policy."""
+    return run(cpu_dir, "grpo_tor", "tor", *TOY_REWARD, *MAPS, steps=3, SAVE_FREQ="2", TEST_FREQ="2", LR="1e-3")
 
 
 def test_tor_metrics_every_step_and_a_real_policy_loss(tor_run):
     from verl_tor import metrics as M
 
-    assert_ok(tor_run, 2)
+    assert_ok(tor_run, 3)
     for step in tor_run.steps:
         for key in (M.REASONING_FRAC, M.PERCEPTION_FRAC, M.OVERLAP_FRAC, M.WEIGHT_MEAN, M.SENSITIVITY_THRESHOLD):
             assert key in step, f"step {step['step']}: {key} missing"
@@ -82,10 +85,19 @@ def test_tor_metrics_every_step_and_a_real_policy_loss(tor_run):
     assert all(s["actor/grad_norm"] > 0 for s in tor_run.steps)
 
 
+def test_training_token_maps_show_each_rollout_with_its_question_and_figure(tor_run):
+    assert_ok(tor_run, 3)
+    maps = sorted((Path(tor_run.out_dir) / "tor_token_maps").glob("step_*.html"))
+    assert [m.name for m in maps] == [f"step_{i:06d}.html" for i in (1, 2, 3)]
+    page = maps[0].read_text()
+    assert page.count("data:image/png;base64,") >= 16  # the figure rebuilt from verl's pixel values, per rollout
+    assert "Find" in page and "<think>" in page.replace("&lt;", "<").replace("&gt;", ">")  # the question's text
+
+
 def test_rollout_follows_the_actor_and_drifts_without_the_weight_push(cpu_dir, tor_run):
     """verl logs |p_rollout - p_actor| of the sampled tokens: ~0 while the hf server gets the weights after every
     update; without the push (``rollout.custom.sync_weights=false``) step 2 samples from step 1's policy."""
-    assert_ok(tor_run, 2)
+    assert_ok(tor_run, 3)
     stale = run(
         cpu_dir,
         "grpo_tor",
@@ -98,7 +110,7 @@ def test_rollout_follows_the_actor_and_drifts_without_the_weight_push(cpu_dir, t
     key = "training/rollout_probs_diff_mean"
     synced, unsynced = tor_run.metric(key), stale.metric(key)
     assert synced[0] == pytest.approx(unsynced[0], rel=1e-6)  # same initial weights, same samples
-    assert synced[1] < 1e-3, synced
+    assert max(synced) < 1e-3, synced
     assert unsynced[1] > 10 * synced[1] and unsynced[1] > 1e-3, (synced, unsynced)
 
 
@@ -160,22 +172,34 @@ def test_tor_loss_wrapper_with_dapo_settings(cpu_dir):
     assert any(s.get("actor/pg_clipfrac", 0) >= 0 for s in result.steps)
 
 
-def test_validation_checkpoint_and_resume_reproduce_the_tor_weights(cpu_dir):
-    """3 steps with validation and a checkpoint at step 2, then a run resumed from it: it continues at step 3 and
-    its step-3 token map (ToR's weights, entropies and sensitivities of that step) equals the uninterrupted run's."""
-    maps = ["tor.log_token_maps=1", "tor.log_token_maps_rollouts=16"]
-    full = run(cpu_dir, "grpo_tor", "full", *TOY_REWARD, *maps, steps=3, SAVE_FREQ="2", TEST_FREQ="2", LR="1e-3")
-    assert_ok(full, 3)
-    assert any(k.startswith("val-core/") or k.startswith("val/") for k in full.steps[1]), sorted(full.steps[1])
-    checkpoint = Path(full.out_dir) / "global_step_2"
-    assert checkpoint.is_dir(), os.listdir(full.out_dir)
+def map_cards(path: Path) -> list[tuple]:
+    """A token map's rollouts as (figure, [(token hover text, token)]) -- each token's entropy, |Δ log p| and weight
+    -- sorted: the cards' titles hold verl's random uids, and rows reach TransferQueue in the order their
+    generations finish."""
+    import re
+
+    cards = path.read_text().split("<h2>")[1:]
+    assert cards, path
+    return sorted(
+        (re.findall(r"src='(data:image/png;base64,[^']*)'", card)[:1], re.findall(r"title='([^']*)'>([^<]*)<", card))
+        for card in cards
+    )
+
+
+def test_validation_checkpoint_and_resume_reproduce_the_tor_weights(cpu_dir, tor_run):
+    """The 3-step run validated and saved a checkpoint at step 2; a run resumed from it continues at step 3, and its
+    step-3 token map (ToR's weights, entropies and sensitivities of that step) equals the uninterrupted run's."""
+    assert_ok(tor_run, 3)
+    assert any(k.startswith("val-core/") or k.startswith("val/") for k in tor_run.steps[1]), sorted(tor_run.steps[1])
+    checkpoint = Path(tor_run.out_dir) / "global_step_2"
+    assert checkpoint.is_dir(), os.listdir(tor_run.out_dir)
 
     resumed = run(
         cpu_dir,
         "grpo_tor",
         "resumed",
         *TOY_REWARD,
-        *maps,
+        *MAPS,
         "trainer.resume_mode=resume_path",
         f"trainer.resume_from_path={checkpoint}",
         steps=3,
@@ -184,7 +208,6 @@ def test_validation_checkpoint_and_resume_reproduce_the_tor_weights(cpu_dir):
     assert resumed.returncode == 0, resumed.tail(60)
     assert [s["step"] for s in resumed.steps] == [3]
     page = "tor_token_maps/step_000003.html"
-    assert (Path(resumed.out_dir) / page).read_text() == (Path(full.out_dir) / page).read_text()
-    a, b = training_metrics(full.steps[2]), training_metrics(resumed.steps[0])
+    assert map_cards(Path(resumed.out_dir) / page) == map_cards(Path(tor_run.out_dir) / page)
+    a, b = training_metrics(tor_run.steps[2]), training_metrics(resumed.steps[0])
     assert {k: v for k, v in a.items() if k.startswith("tor/")} == {k: v for k, v in b.items() if k.startswith("tor/")}
-    json.dumps(b)  # plain numbers

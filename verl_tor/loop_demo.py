@@ -118,7 +118,7 @@ def main(out_dir: str, steps: int, seed: int, recipe: str, overrides: list[str])
     print(f"\n[demo] {len(result.steps)} steps of verl's real trainer with ToR in {total:.0f} s")
     if tor:
         width = max(len(k) for k in tor)
-        print(f"[demo] last step's ToR metrics:")
+        print("[demo] last step's ToR metrics:")
         for key, value in tor.items():
             print(f"         {key:<{width}}  {value:.4f}")
     if result.token_maps:
