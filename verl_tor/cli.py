@@ -1,4 +1,4 @@
-"""``verl-tor``: the command line (``demo``, ``docs``).
+"""``verl-tor``: the command line (``demo``, ``inspect``, ``docs``, ``check-config``).
 
 ``verl-tor demo`` runs ToR on CPU with no downloads and prints what it selected; ``verl-tor docs`` prints the
 README's config and metrics tables, generated from ``ToRConfig``'s field docstrings and ``verl_tor.metrics``
@@ -121,6 +121,50 @@ def render_readme(text: str) -> str:
     return text
 
 
+def check_config(argv: list[str]) -> int:
+    """Compose a ``verl.trainer.main_ppo`` command line's config and validate it as ``main_ppo`` does, without
+    running anything: hydra's compose API on ``--config-path`` / ``--config-name`` + the overrides, then verl's
+    ``validate_config`` (which, with verl_tor installed, also checks the ``tor`` block: ``verl_tor.plugin``) and the
+    ToR checks themselves. For ``VERL_TOR_DRY_RUN=1`` in ``recipes/common.sh``; returns 0, or 2 with the error."""
+    import os
+
+    config_path, config_name, overrides = None, "ppo_trainer", []
+    for arg in argv:
+        if arg.startswith("--config-path="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("--config-name="):
+            config_name = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            print(f"error: {arg!r}: only --config-path=, --config-name= and overrides are understood", file=sys.stderr)
+            return 2
+        else:
+            overrides.append(arg)
+    try:
+        import verl  # noqa: F401  - loads verl's plugins, verl_tor's among them
+        from hydra import compose, initialize_config_dir
+        from verl.trainer.ppo.utils import need_critic, need_reference_policy
+        from verl.utils.config import validate_config
+
+        from verl_tor.trainer import validate_tor_config
+
+        if config_path is None:
+            config_path = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+        with initialize_config_dir(config_dir=os.path.abspath(config_path), version_base=None):
+            config = compose(config_name, overrides=overrides)
+        use_ref = need_reference_policy(config)
+        validate_config(config=config, use_reference_policy=use_ref, use_critic=need_critic(config))
+        tor = validate_tor_config(config, use_reference_policy=use_ref)
+    except Exception as exc:  # hydra's composition errors, verl's and ToR's validation errors
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        print(f"error: the config does not validate: {type(exc).__name__}: {exc}{cause}", file=sys.stderr)
+        return 2
+    print(
+        f"config OK: {config_name} + {len(overrides)} overrides composed and validated (tor.enable={tor.enable})",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def run_synthetic(args: argparse.Namespace, cfg: ToRConfig) -> int:
     """The ops on a synthetic rollout batch: a quick look at the selection, no model."""
     import torch
@@ -228,7 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     insp.add_argument("overrides", nargs="*", help="tor.* overrides")
     docs = sub.add_parser("docs", help="print the README's config and metrics tables")
     docs.add_argument("--write", metavar="README", help="regenerate the tables inside this file instead")
+    check = sub.add_parser(
+        "check-config", help="compose and validate a main_ppo command line's config (VERL_TOR_DRY_RUN=1)"
+    )
+    check.add_argument("main_ppo_args", nargs=argparse.REMAINDER, help="-- --config-path=... --config-name=... k=v")
     args = parser.parse_args(argv)
+
+    if args.command == "check-config":
+        rest = args.main_ppo_args[1:] if args.main_ppo_args[:1] == ["--"] else args.main_ppo_args
+        return check_config(rest)
 
     if args.command == "docs":
         if args.write:
