@@ -145,3 +145,23 @@ def test_docs_write_regenerates_the_tables_atomically(tmp_path):
     assert text == render_readme(stale) and "`tor.rank_tokens`" in text and "`tor/view_fallback_frac`" in text
     assert stat.S_IMODE(os.stat(readme).st_mode) == 0o640  # the file's permissions are kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+
+
+# ---------------------------------------------------------------------- check-config (VERL_TOR_DRY_RUN=1)
+def test_check_config_composes_and_validates_a_main_ppo_command_line(capsys):
+    import subprocess
+
+    script = ROOT / "recipes" / "qwen2_5_vl_7b_geo3k" / "dapo_tor.sh"
+    env = {**os.environ, "VERL_TOR_DRY_RUN": "print", "DATA_DIR": "/data/geo3k"}
+    argv = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert argv[:3] == ["python3", "-m", "verl.trainer.main_ppo"]
+    assert main(["check-config", "--", *argv[3:]]) == 0
+    assert "config OK: tor_trainer" in capsys.readouterr().err
+    for extra, message in (
+        ("tor.perception_weight=-1", "tor.perception_weight=-1.0 is invalid. Fix: give a weight >= 0"),
+        ("+tor.reasonig_ratio=0.2", "did you mean tor.reasoning_ratio?"),
+        ("actor_rollout_ref.actor.kl_los_coef=0.1", "ConfigCompositionException"),
+        ("trainer.v1.trainer_mode=sync", "Fix: set trainer.v1.trainer_mode=tor_sync"),
+    ):
+        assert main(["check-config", "--", *argv[3:], extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
