@@ -126,7 +126,9 @@ class ToRConfig:
     ``all`` they use up the ρ budget. ``informative`` selects ceil(ρ·N) of the N informative tokens per scope,
     gives the others weight 0, and skips the image-free pass for responses without an informative token (counted
     in ``tor/noimg_scored_frac``); the ``tor/*`` fractions are then over informative tokens. The stage reads the
-    advantages for it, also with ``apply=loss``."""
+    advantages for it, also with ``apply=loss``. Zero means exactly 0: verl's GRPO gives exact zeros to an all-equal
+    group whose reward has an exact float32 mean (0, 0.1, 0.9, 1 with 12 rollouts), but leaves rounding noise
+    (|A| up to ~0.1 for 0.7 × 12) otherwise, and such tokens count as informative."""
 
     seed: int = 0
     """Seed of the deterministic tie-breaking permutation (top-p entropy gives many exact zeros) and of the
