@@ -2,7 +2,9 @@
 # Shared body of every Geometry3K recipe: baseline and ToR scripts differ only in the flags they pass to
 # run_recipe (the trainer mode and tor.*). Sourced by the per-model scripts; every setting is a variable with a
 # default, overridable from the environment, and any extra hydra override can follow the script ("$@").
-# Set VERL_TOR_DRY_RUN=1 to print the command (one argument per line) instead of launching it.
+# Set VERL_TOR_DRY_RUN=1 to print the command (one argument per line) instead of launching it, and to compose and
+# validate its config (hydra + verl's validate_config + the tor block; a misspelt +tor.* key fails);
+# VERL_TOR_DRY_RUN=print only prints.
 
 RECIPES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -122,8 +124,13 @@ run_recipe() {
     args+=(data.image_patch_size="$IMAGE_PATCH_SIZE")
   fi
   args+=("$@")
-  if [[ "${VERL_TOR_DRY_RUN:-0}" == "1" ]]; then
+  if [[ "${VERL_TOR_DRY_RUN:-0}" != "0" ]]; then
     printf '%s\n' "${args[@]}"
+    # 1: also compose the config with hydra and validate it as main_ppo would (verl's validate_config + tor.*),
+    # with the python that would run it; print: the command only
+    if [[ "${VERL_TOR_DRY_RUN}" != "print" ]]; then
+      "${args[0]}" -m verl_tor.cli check-config -- "${args[@]:3}" || return 2
+    fi
     return 0
   fi
   "${args[@]}"

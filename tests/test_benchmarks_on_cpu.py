@@ -18,6 +18,18 @@ TOY = {
     "bench_entropy_agreement.py": [],
     "bench_stage.py": ["--sizes", "tiny", "--rollouts", "4", "--response-length", "16", "--repeats", "1"],
     "bench_driver.py": ["--rows", "2", "--response-length", "32", "--image-size", "112", "--repeats", "1"],
+    "bench_informative.py": [
+        "--prompts",
+        "2",
+        "--n",
+        "2",
+        "--response-length",
+        "8",
+        "--image-size",
+        "112",
+        "--repeats",
+        "1",
+    ],
     "bench_loop.py": ["--steps", "2"],  # two main_ppo runs
 }
 LOOP = {"bench_loop.py"}

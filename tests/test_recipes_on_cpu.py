@@ -31,7 +31,7 @@ NAMES = {
 
 
 def dry_run(script: Path, *extra: str) -> list[str]:
-    env = {**os.environ, "VERL_TOR_DRY_RUN": "1", "DATA_DIR": "/data/geo3k"}
+    env = {**os.environ, "VERL_TOR_DRY_RUN": "print", "DATA_DIR": "/data/geo3k"}
     proc = subprocess.run(["bash", str(script), *extra], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()
@@ -142,7 +142,7 @@ def test_each_model_family_gets_its_own_settings(composed):
 def test_overrides_and_env_reach_the_command():
     argv = dry_run(ROOT / "recipes" / "qwen2_5_vl_3b_geo3k" / "grpo_tor.sh", "tor.perception_weight=1.0")
     assert argv[-1] == "tor.perception_weight=1.0"
-    env = {**os.environ, "VERL_TOR_DRY_RUN": "1", "NNODES": "4", "MODEL_PATH": "/ckpt/m"}
+    env = {**os.environ, "VERL_TOR_DRY_RUN": "print", "NNODES": "4", "MODEL_PATH": "/ckpt/m"}
     out = subprocess.run(
         ["bash", str(ROOT / "recipes/qwen2_5_vl_7b_geo3k/dapo.sh")], capture_output=True, text=True, env=env
     )
@@ -155,6 +155,30 @@ def test_typo_in_an_override_is_caught():
     argv = dry_run(ROOT / "recipes" / "qwen2_5_vl_7b_geo3k" / "grpo.sh", "actor_rollout_ref.actor.kl_los_coef=0.1")
     with pytest.raises(ConfigCompositionException):
         compose(argv)
+
+
+def test_dry_run_composes_and_validates_the_config():
+    """VERL_TOR_DRY_RUN=1 prints the command and composes + validates its config with the python that would run it:
+    a misspelt +tor.* key (which hydra adds silently) fails the dry run, naming the field (values: test_cli_on_cpu)."""
+    import sys
+
+    script = ROOT / "recipes" / "qwen2_5_vl_3b_geo3k" / "grpo_tor.sh"
+    env = {
+        **os.environ,
+        "VERL_TOR_DRY_RUN": "1",
+        "DATA_DIR": "/data/geo3k",
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
+
+    def run(*extra):
+        return subprocess.run(["bash", str(script), *extra], capture_output=True, text=True, env=env, timeout=300)
+
+    ok = run()
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "config OK" in ok.stderr and ok.stdout.splitlines()[:3] == ["python3", "-m", "verl.trainer.main_ppo"]
+    typo = run("+tor.reasonig_ratio=0.2")
+    assert typo.returncode != 0
+    assert "tor.reasonig_ratio: unknown field. Fix: did you mean tor.reasoning_ratio?" in typo.stderr
 
 
 def test_shellcheck_is_clean():

@@ -239,10 +239,13 @@ def test_tor_enabled_stage_runs_after_verl_advantage(kv, apply, tor_mode):
     class EveryRowHasAnImage:  # the view content is the scorer's business here
         fields = (*VIEW_FIELDS, MULTI_MODAL_FIELD)
 
-        def __call__(self, row):
+        def has_image(self, row):
+            return True
+
+        def __call__(self, row, step=0, position=0):
             return dict(row)
 
-        def complete(self, row):
+        def placeholder(self, row):
             raise AssertionError("every row has an image")
 
     stock = make_trainer(f"trainer.v1.trainer_mode={MODES[tor_mode]}")

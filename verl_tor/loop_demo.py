@@ -59,9 +59,15 @@ def run_loop_demo(
     recipe: str = "grpo_tor",
     overrides: tuple[str, ...] = (),
     token_map_every: int = 1,
+    prompts: int = 4,
+    n: int = 4,
+    response_length: int | None = None,
     print_fn: Any = print,
 ) -> LoopDemoResult:
-    """Prepare the model and data under ``out_dir``, run the CPU recipe for ``steps`` steps, report as it goes."""
+    """Prepare the model and data under ``out_dir``, run the CPU recipe for ``steps`` steps, report as it goes.
+
+    ``prompts`` x ``n`` rollouts a step, one actor update a step; ``overrides`` are hydra overrides for main_ppo.
+    """
     from verl_tor.local.launch import run_cpu_recipe
     from verl_tor.local.prepare import prepare
 
@@ -80,14 +86,25 @@ def run_loop_demo(
         if "step" in step and any(k.startswith("tor/") or k.startswith("actor/") for k in step):
             print_fn("[demo] " + format_step(step, steps))
 
-    maps = [f"tor.log_token_maps={token_map_every}", "tor.log_token_maps_rollouts=8"] if token_map_every else []
+    tor_run = recipe != "grpo"
+    maps = [f"tor.log_token_maps={token_map_every}", "tor.log_token_maps_rollouts=8"] if tor_run else []
+    env = {
+        "TOTAL_STEPS": str(steps),
+        "SEED": str(seed + 1),
+        "ROLLOUT_BATCH_SIZE": str(prompts),
+        "UPDATE_BATCH_SIZE": str(prompts),
+        "N_RESPONSES": str(n),
+        "MICRO_BATCH_SIZE": str(prompts * n),
+    }
+    if response_length is not None:
+        env["MAX_RESPONSE_LENGTH"] = str(response_length)
     t0 = time.perf_counter()
     run = run_cpu_recipe(
         recipe,
         [*maps, *overrides],
         cpu_dir=out_dir,
         experiment=recipe,
-        env={"TOTAL_STEPS": str(steps), "SEED": str(seed + 1)},
+        env=env,
         on_step=on_step,
     )
     seconds["main_ppo"] = time.perf_counter() - t0
@@ -103,9 +120,12 @@ def run_loop_demo(
     )
 
 
-def main(out_dir: str, steps: int, seed: int, recipe: str, overrides: list[str]) -> int:
+def main(out_dir: str, steps: int, seed: int, recipe: str, overrides: list[str], **sizes: Any) -> int:
+    """``verl-tor demo``: run, print, summarise; 0 on success, 1 when verl's trainer failed."""
     t0 = time.perf_counter()
-    result = run_loop_demo(out_dir, steps=steps, seed=seed, recipe=recipe, overrides=tuple(overrides))
+    if recipe == "grpo":
+        print("[demo] tor.enable=false: stock GRPO (recipes/cpu_tiny/grpo.sh, trainer_mode=sync), no ToR stage")
+    result = run_loop_demo(out_dir, steps=steps, seed=seed, recipe=recipe, overrides=tuple(overrides), **sizes)
     total = time.perf_counter() - t0
     if result.returncode != 0:
         from verl_tor.local.launch import LoopRun
@@ -115,7 +135,8 @@ def main(out_dir: str, steps: int, seed: int, recipe: str, overrides: list[str])
         return 1
     last = result.steps[-1] if result.steps else {}
     tor = {k: v for k, v in sorted(last.items()) if k.startswith("tor/")}
-    print(f"\n[demo] {len(result.steps)} steps of verl's real trainer with ToR in {total:.0f} s")
+    what = "stock GRPO" if recipe == "grpo" else "ToR"
+    print(f"\n[demo] {len(result.steps)} steps of verl's real trainer ({what}) in {total:.0f} s")
     if tor:
         width = max(len(k) for k in tor)
         print("[demo] last step's ToR metrics:")
