@@ -56,13 +56,20 @@ def test_cli_refuses_bad_values_before_any_work(tmp_path, capsys):
 
 
 def test_tor_enable_false_reaches_the_demo(monkeypatch):
-    """`verl-tor demo tor.enable=false` runs the demo with ToR off (stock GRPO: tests/test_demo_on_cpu.py)."""
+    """`verl-tor demo tor.enable=false` runs stock GRPO: verl's trainer with `recipes/cpu_tiny/grpo.sh` (sync, no
+    ToR stage), or with --one-step the walk-through with ToR off (tests/test_demo_on_cpu.py)."""
     import verl_tor.demo
+    import verl_tor.loop_demo
 
-    seen = []
+    seen, loops = [], []
     monkeypatch.setattr(verl_tor.demo, "main", lambda args, cfg: seen.append(cfg) or 0)
-    assert main(["demo", "tor.enable=false"]) == 0 and main(["demo", "tor.scope=group"]) == 0
+    monkeypatch.setattr(verl_tor.loop_demo, "main", lambda **kw: loops.append(kw) or 0)
+    assert (
+        main(["demo", "--one-step", "tor.enable=false"]) == 0 and main(["demo", "--one-step", "tor.scope=group"]) == 0
+    )
     assert [cfg.enable for cfg in seen] == [False, True]
+    assert main(["demo", "tor.enable=false"]) == 0 and main(["demo", "--algorithm", "dapo", "tor.scope=group"]) == 0
+    assert [(kw["recipe"], kw["overrides"]) for kw in loops] == [("grpo", []), ("dapo_tor", ["tor.scope=group"])]
 
 
 @pytest.mark.parametrize(
