@@ -211,3 +211,23 @@ def test_validation_checkpoint_and_resume_reproduce_the_tor_weights(cpu_dir, tor
     assert map_cards(Path(resumed.out_dir) / page) == map_cards(Path(tor_run.out_dir) / page)
     a, b = training_metrics(tor_run.steps[2]), training_metrics(resumed.steps[0])
     assert {k: v for k, v in a.items() if k.startswith("tor/")} == {k: v for k, v in b.items() if k.startswith("tor/")}
+
+
+def test_multi_turn_rows_with_masked_observations_train_with_tor(cpu_dir):
+    """Two-turn trajectories (``tests/loop_agents.py``: answer, a masked observation, answer) through verl's agent
+    loop, the ToR stage and verl's loss: the stage keeps every stored field at verl's row length."""
+    result = run(
+        cpu_dir,
+        "grpo_tor",
+        "two_turn",
+        *TOY_REWARD,
+        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={TESTS / 'loop_agents.yaml'}",
+        "actor_rollout_ref.rollout.agent.default_agent_loop=two_turn_agent",
+        steps=1,
+        LR="1e-3",
+        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    )
+    assert_ok(result, 1)
+    step = result.steps[0]
+    assert step["tor/reasoning_frac"] == pytest.approx(0.3, abs=0.02)
+    assert abs(step["actor/pg_loss"]) > 1e-6 and step["actor/grad_norm"] > 0
