@@ -231,3 +231,14 @@ def test_multi_turn_rows_with_masked_observations_train_with_tor(cpu_dir):
     step = result.steps[0]
     assert step["tor/reasoning_frac"] == pytest.approx(0.3, abs=0.02)
     assert abs(step["actor/pg_loss"]) > 1e-6 and step["actor/grad_norm"] > 0
+
+
+def test_tor_colocate_async_through_main_ppo(cpu_dir):
+    """``trainer.v1.trainer_mode=tor_colocate_async``: verl's colocate_async trainer (one mini-batch a step, its
+    replay buffer) with the ToR stage, through the real loop."""
+    result = run(cpu_dir, "grpo_tor", "colocate", *TOY_REWARD, "trainer.v1.trainer_mode=tor_colocate_async", LR="1e-3")
+    assert_ok(result, 2)
+    for step in result.steps:
+        assert step["tor/reasoning_frac"] == pytest.approx(0.3, abs=0.02)
+        assert step["tor/sensitivity_mean/selected"] > step["tor/sensitivity_mean/rest"]
+    assert any(abs(s["actor/pg_loss"]) > 1e-6 for s in result.steps)
