@@ -109,13 +109,19 @@ def test_refused_estimators_crash_in_verls_own_v1_trainer_without_tor(monkeypatc
 
 
 class EveryRowHasAnImage:
+    """``verl_tor.stage.Views`` for rows that all have an image; the "view" is the row itself (this test is about
+    where the weights go, not about S_t)."""
+
     fields = (*VIEW_FIELDS, MULTI_MODAL_FIELD)
 
-    def __call__(self, row):
+    def has_image(self, row):
+        return True
+
+    def __call__(self, row, step=0, position=0):
         return dict(row)
 
-    def complete(self, row):
-        raise AssertionError("every row has an image")
+    def placeholder(self, row):
+        raise AssertionError("every row has an image and is scored")
 
 
 def advantages_and_weights(monkeypatch, estimator: str) -> dict[str, torch.Tensor]:
