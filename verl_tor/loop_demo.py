@@ -35,11 +35,9 @@ PROGRESS_KEYS = (
 
 @dataclass
 class LoopDemoResult:
-    returncode: int
-    steps: list[dict]
+    run: Any
+    """The recipe run (``verl_tor.local.launch.LoopRun``: exit code, per-step metrics, log, output folder)."""
     token_maps: list[str]
-    log_path: str
-    out_dir: str
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -62,11 +60,13 @@ def run_loop_demo(
     prompts: int = 4,
     n: int = 4,
     response_length: int | None = None,
+    env: dict[str, str] | None = None,
     print_fn: Any = print,
 ) -> LoopDemoResult:
     """Prepare the model and data under ``out_dir``, run the CPU recipe for ``steps`` steps, report as it goes.
 
-    ``prompts`` x ``n`` rollouts a step, one actor update a step; ``overrides`` are hydra overrides for main_ppo.
+    ``prompts`` x ``n`` rollouts a step, one actor update a step; ``overrides`` are hydra overrides for main_ppo,
+    ``env`` the recipe's variables (``recipes/cpu_tiny/common.sh``: ``LR``, ``SAVE_FREQ``, ...).
     """
     from verl_tor.local.launch import run_cpu_recipe
     from verl_tor.local.prepare import prepare
@@ -88,6 +88,7 @@ def run_loop_demo(
 
     tor_run = recipe != "grpo"
     maps = [f"tor.log_token_maps={token_map_every}", "tor.log_token_maps_rollouts=8"] if tor_run else []
+    extra_env = dict(env or {})
     env = {
         "TOTAL_STEPS": str(steps),
         "SEED": str(seed + 1),
@@ -98,6 +99,7 @@ def run_loop_demo(
     }
     if response_length is not None:
         env["MAX_RESPONSE_LENGTH"] = str(response_length)
+    env.update(extra_env)
     t0 = time.perf_counter()
     run = run_cpu_recipe(
         recipe,
@@ -110,14 +112,7 @@ def run_loop_demo(
     seconds["main_ppo"] = time.perf_counter() - t0
     map_dir = os.path.join(run.out_dir, "tor_token_maps")
     token_maps = sorted(os.path.join(map_dir, f) for f in os.listdir(map_dir)) if os.path.isdir(map_dir) else []
-    return LoopDemoResult(
-        returncode=run.returncode,
-        steps=run.steps,
-        token_maps=token_maps,
-        log_path=run.log_path,
-        out_dir=run.out_dir,
-        seconds=seconds,
-    )
+    return LoopDemoResult(run=run, token_maps=token_maps, seconds=seconds)
 
 
 def main(out_dir: str, steps: int, seed: int, recipe: str, overrides: list[str], **sizes: Any) -> int:
@@ -127,16 +122,14 @@ def main(out_dir: str, steps: int, seed: int, recipe: str, overrides: list[str],
         print("[demo] tor.enable=false: stock GRPO (recipes/cpu_tiny/grpo.sh, trainer_mode=sync), no ToR stage")
     result = run_loop_demo(out_dir, steps=steps, seed=seed, recipe=recipe, overrides=tuple(overrides), **sizes)
     total = time.perf_counter() - t0
-    if result.returncode != 0:
-        from verl_tor.local.launch import LoopRun
-
-        tail = LoopRun(returncode=result.returncode, log_path=result.log_path).tail(40)
-        print(f"\n[demo] verl's main_ppo failed (exit {result.returncode}); the end of {result.log_path}:\n{tail}")
+    run = result.run
+    if run.returncode != 0:
+        print(f"\n[demo] verl's main_ppo failed (exit {run.returncode}); the end of {run.log_path}:\n{run.tail(40)}")
         return 1
-    last = result.steps[-1] if result.steps else {}
+    last = run.steps[-1] if run.steps else {}
     tor = {k: v for k, v in sorted(last.items()) if k.startswith("tor/")}
     what = "stock GRPO" if recipe == "grpo" else "ToR"
-    print(f"\n[demo] {len(result.steps)} steps of verl's real trainer ({what}) in {total:.0f} s")
+    print(f"\n[demo] {len(run.steps)} steps of verl's real trainer ({what}) in {total:.0f} s")
     if tor:
         width = max(len(k) for k in tor)
         print("[demo] last step's ToR metrics:")
@@ -145,5 +138,5 @@ def main(out_dir: str, steps: int, seed: int, recipe: str, overrides: list[str],
     if result.token_maps:
         print(f"[demo] token maps ({len(result.token_maps)}): {os.path.dirname(result.token_maps[0])}/")
         print(f"[demo] open {result.token_maps[-1]}")
-    print(f"[demo] checkpoints, metrics.jsonl and verl's log: {result.out_dir}")
+    print(f"[demo] checkpoints, metrics.jsonl and verl's log: {run.out_dir}")
     return 0
