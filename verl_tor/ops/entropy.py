@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DEFAULT_ENTROPY_CHUNK_SIZE", "compute_entropy_from_logits", "compute_top_p_entropy_from_logits"]
+__all__ = [
+    "DEFAULT_ENTROPY_CHUNK_SIZE",
+    "TOP_P_TOLERANCE",
+    "compute_entropy_from_logits",
+    "compute_top_p_entropy_from_logits",
+]
 
 DEFAULT_ENTROPY_CHUNK_SIZE = 256
 """Rows (tokens) per chunk. With Qwen2.5-VL's vocabulary V = 151,936 one float32 (256, V) buffer is 156 MB: the
@@ -24,6 +29,17 @@ enough to keep a GPU busy (4096 tokens = 16 chunks)."""
 _SORT_ROWS = 32
 """Rows fully sorted at once: a sort of (rows, V) float32 holds values, int64 indices and the cumulative sums, ~7
 float32 buffers' worth, so 32 rows (~140 MB at V = 151,936) bounds the rare full-sort path below the chunk itself."""
+
+TOP_P_TOLERANCE = 2.0**-21
+"""Relative tolerance of the nucleus cut, 8 float32 ulps (4.8e-7): token i is kept iff the probability mass strictly
+before it is < p (1 - 2^-21), i.e. a mass within 2^-21 (relative) of p counts as having reached p. The definition's
+boundary is an exact comparison that float32 cannot make: masses that are equal in the intended probabilities
+(the row 0.5, 0.3, 0.15, 0.05 at p = 0.8, whose first two tokens hold exactly 0.8: keep two) come out a few ulps
+apart, on either side. Exact ties arise in short rows (hand-built ones, the few allowed tokens of a masked
+vocabulary), where the mass at the cut is off by at most 3.4 ulps (measured); ties between equal logits are exact at
+any magnitude (bit-equal weights). Long rows (measured error up to 5.4 ulps) have no exact ties, and a wider
+tolerance moves more of them off the float64 definition: of 2,000 flat rows, H moved by > 1e-4 in 2 with no
+tolerance, 8 at 2^-21, 21 at 2^-20 (``benchmarks/bench_entropy_exactness.py``)."""
 
 _TOP_P_CANDIDATES = (256, 4096, 32768)
 """How many top tokens the fast path looks at, escalating, before a full sort of a row. At p = 0.95 an LLM's
@@ -61,15 +77,17 @@ def compute_top_p_entropy_from_logits(
 
     Per row: sort the probabilities descending, p_(1) >= p_(2) >= ...; keep token i iff the cumulative probability
     *before* it, Σ_{j<i} p_(j), is < ``top_p`` (so the top token is always kept and the kept prefix is the smallest
-    one with mass >= ``top_p``); renormalise the kept mass Z to 1 and return -Σ_kept (p/Z) log(p/Z)
-    = log Z - Σ_kept p log p / Z. ``top_p = 1`` returns the full entropy.
+    one with mass >= ``top_p``), where a mass within ``TOP_P_TOLERANCE`` (2^-21, relative) of ``top_p`` counts as
+    reaching it, so that masses equal in the intended probabilities are decided by the definition, not by float32
+    rounding; renormalise the kept mass Z to 1 and return -Σ_kept (p/Z) log(p/Z). One kept token gives exactly 0
+    (an exact tie for ``select.py``'s seeded tie-breaking). ``top_p = 1`` returns the full entropy.
 
     Speed, exactly: a full sort of V = 151,936 values per token dominates. Instead each row takes its top k
-    log-probs (``torch.topk``, sorted; k = 256, then 4096, 32768 for the rows still short, see
-    ``_TOP_P_CANDIDATES``); once their mass reaches ``top_p`` the kept prefix lies inside them (every later token has
-    cumulative-before >= p), so the answer is the one a full sort gives. A row skips a level that its lower bound on
-    the kept count already exceeds, and rows short at every level are sorted in full. Ties at the cut do not matter:
-    tied tokens have equal probability, so any order of them keeps the same multiset of probabilities. On 2 CPU
+    probabilities (``torch.topk`` of exp(x - max x), sorted; k = 256, then 4096, 32768 for the rows still short, see
+    ``_TOP_P_CANDIDATES``); once their mass reaches the cut the kept prefix lies inside them (every later token has
+    cumulative-before >= the cut), so the answer is the one a full sort gives. A row skips a level that its lower
+    bound on the kept count already exceeds, and rows short at every level are sorted in full. Ties at the cut do not
+    matter: tied tokens have equal probability, so any order of them keeps the same multiset of probabilities. On 2 CPU
     cores and 512 x 151,936 logits: 2.5-7x faster than a full sort for LLM-like rows (mostly peaked, some flat), up to
     ~15% slower when every row is nearly uniform.
 
@@ -107,58 +125,75 @@ def _compute_entropy_chunk(logits: torch.Tensor) -> torch.Tensor:
 
 def _compute_top_p_entropy_chunk(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """(C, V) logits -> (C,) float32 top-p entropy: escalating ``topk``, full sort only for rows that need it."""
-    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (C, V), no separate float32 copy
-    num_rows, vocab = log_probs.shape
-    entropy = torch.empty(num_rows, dtype=torch.float32, device=log_probs.device)
-    pending = torch.ones(num_rows, dtype=torch.bool, device=log_probs.device)  # (C,) rows not done yet
-    # A lower bound on how many tokens a pending row keeps: after a level of k tokens with mass m and smallest
-    # probability τ, the rest are each <= τ, so reaching p needs >= k + (p - m) / τ tokens. Rows whose bound exceeds
-    # a level skip it (it cannot succeed there), so flat rows do not pay for every level before their sort.
-    needed = torch.zeros(num_rows, dtype=torch.float32, device=log_probs.device)  # (C,)
+    if logits.dtype == torch.float64:
+        logits = logits.float()
+    # Unnormalised probabilities w = exp(x - max x), in (0, 1] with exactly 1 at the top token; a new float32 buffer
+    # (bf16/fp16 logits are upcast by the subtraction). Deciding the cut on w against p times the row's total weight,
+    # both sums of the same rounded w, cancels the normaliser's rounding, which exp(log_softmax) puts on every
+    # probability alike: the mass at the cut then lands up to 128 float32 ulps off its float64 value, against <= 5.4
+    # here (``benchmarks/bench_entropy_exactness.py``).
+    weights = (logits - logits.max(dim=-1, keepdim=True).values.float()).exp_()  # (C, V)
+    num_rows, vocab = weights.shape
+    # The cut: keep token i iff the weight before it is < p (1 - TOP_P_TOLERANCE) of the total (see TOP_P_TOLERANCE).
+    threshold = weights.sum(dim=-1).double() * (top_p * (1.0 - TOP_P_TOLERANCE))  # (C,) float64
+    entropy = torch.empty(num_rows, dtype=torch.float32, device=weights.device)
+    pending = torch.ones(num_rows, dtype=torch.bool, device=weights.device)  # (C,) rows not done yet
+    # A lower bound on how many tokens a pending row keeps: after a level of k tokens with weight m and smallest
+    # weight τ, the rest are each <= τ, so reaching the threshold needs >= k + (threshold - m) / τ tokens. Rows whose
+    # bound exceeds a level skip it (it cannot succeed there), so flat rows do not pay for every level before their
+    # sort.
+    needed = torch.zeros(num_rows, dtype=torch.float64, device=weights.device)  # (C,)
     for k in (*(k for k in _TOP_P_CANDIDATES if k < vocab), vocab):
         final = k == vocab
         ids = (pending if final else pending & (needed <= k)).nonzero().squeeze(1)  # ascending row ids
         if ids.numel() == 0:
             continue
-        if final:  # the full sort decides, even where float rounding left the total mass just below p
+        if final:  # the full sort decides, even where float rounding left the total weight just below the cut
             for sub in ids.split(_SORT_ROWS):
-                ordered = torch.sort(log_probs[sub], dim=-1, descending=True).values  # (<= _SORT_ROWS, V)
-                entropy[sub] = _compute_truncated_entropy(ordered, top_p)[0]
+                ordered = torch.sort(weights[sub], dim=-1, descending=True).values  # (<= _SORT_ROWS, V)
+                entropy[sub] = _compute_truncated_entropy(ordered, threshold[sub])[0]
             break
-        rows = log_probs if ids.numel() == num_rows else log_probs[ids]  # (C', V); all rows: no gather
+        rows = weights if ids.numel() == num_rows else weights[ids]  # (C', V); all rows: no gather
         top = torch.topk(rows, k, dim=-1, largest=True, sorted=True).values  # (C', k), descending
-        h, reached = _compute_truncated_entropy(top, top_p)
+        h, reached, mass = _compute_truncated_entropy(top, threshold[ids])
         entropy[ids[reached]] = h[reached]
         pending[ids[reached]] = False
         short = ~reached
-        needed[ids[short]] = k + (top_p - top[short].exp().sum(dim=-1)) / top[short, -1].exp().clamp_min(1e-38)
+        needed[ids[short]] = k + (threshold[ids[short]] - mass[short]) / top[short, -1].double().clamp_min(1e-38)
         if not bool(pending.any()):
             break
     return entropy
 
 
-def _compute_truncated_entropy(sorted_log_probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-p entropy from a descending prefix of each row's log-probs.
+def _compute_truncated_entropy(
+    sorted_weights: torch.Tensor, threshold: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-p entropy from a descending prefix of each row's unnormalised probabilities.
 
     Args:
-        sorted_log_probs: ``(C, K)`` the K largest log-probs of each row, descending (K = V for a full sort).
-        top_p: p in (0, 1).
+        sorted_weights: ``(C, K)`` the K largest weights w = exp(x - max x) of each row, descending (K = V for a full
+            sort); the first is 1.
+        threshold: ``(C,)`` float64, p (1 - ``TOP_P_TOLERANCE``) times the row's total weight.
 
     Returns:
-        ``(C,)`` float32 entropy of the kept prefix, and ``(C,)`` bool: whether the prefix's mass reached p (then
-        the kept set lies inside it and the entropy is exact).
+        ``(C,)`` float32 entropy of the kept tokens, ``(C,)`` bool: whether the prefix's weight reached the threshold
+        (then the kept set lies inside it and the entropy is exact), and ``(C,)`` float64: the prefix's weight.
     """
-    probs = sorted_log_probs.exp()  # (C, K)
-    cumulative = probs.cumsum(dim=-1)  # (C, K)
-    # Exclusive cumsum (mass strictly before token i); shifting avoids `cumulative - probs`, whose rounding could
-    # flip the `< p` test for a token right at the cut.
+    # Inclusive cumulative weight in float64, so the sum itself adds no rounding that could move a token across
+    # the cut; the exclusive one (weight strictly before token i) by shifting, not by `cumulative - w`.
+    cumulative = sorted_weights.cumsum(dim=-1, dtype=torch.float64)  # (C, K)
     before = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], dim=-1)
-    keep = before < top_p
-    kept_mass = torch.where(keep, probs, 0.0).sum(dim=-1)  # Z
-    p_log_p = torch.where(keep & (probs > 0), probs * sorted_log_probs, 0.0).sum(dim=-1)
-    # H >= 0; a single kept token gives log p - p log p / p, which rounds to about ±1e-8.
-    entropy = (kept_mass.log() - p_log_p / kept_mass).clamp_min(0.0)
-    return entropy, cumulative[:, -1] >= top_p
+    num_kept = (before < threshold[:, None]).sum(dim=-1)  # (C,) >= 1: the kept tokens are a prefix
+    kept_mass = cumulative.gather(1, (num_kept - 1).unsqueeze(1)).squeeze(1).float()  # Z, (C,)
+    width = int(num_kept.max()) if num_kept.numel() else 0
+    kept = sorted_weights[:, :width]  # (C, width)
+    # H = -Σ q log q with q = w / Z: every term is >= 0 (Z >= w, so q <= 1 after rounding too), no cancellation, and
+    # one kept token gives q = w / w = 1 and log 1 = 0, exactly 0. (log Z - Σ w log w / Z would leave +-3e-8 there,
+    # noise that outranks the exact zeros of other rows and breaks select.py's seeded tie-breaking.)
+    q = kept / kept_mass[:, None]
+    in_prefix = torch.arange(width, device=kept.device) < num_kept[:, None]
+    entropy = -torch.where(in_prefix & (q > 0), q * q.log(), 0.0).sum(dim=-1) + 0.0  # + 0.0: no -0.0
+    return entropy, cumulative[:, -1] >= threshold, cumulative[:, -1]
 
 
 def _check_chunk_size(chunk_size: int) -> None:
