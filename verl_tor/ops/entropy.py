@@ -37,9 +37,9 @@ boundary is an exact comparison that float32 cannot make: masses that are equal 
 (the row 0.5, 0.3, 0.15, 0.05 at p = 0.8, whose first two tokens hold exactly 0.8: keep two) come out a few ulps
 apart, on either side. Exact ties arise in short rows (hand-built ones, the few allowed tokens of a masked
 vocabulary), where the mass at the cut is off by at most 3.4 ulps (measured); ties between equal logits are exact at
-any magnitude (bit-equal weights). Long rows (measured error up to 5.4 ulps) have no exact ties, and a wider
-tolerance moves more of them off the float64 definition: of 2,000 flat rows, H moved by > 1e-4 in 2 with no
-tolerance, 8 at 2^-21, 21 at 2^-20 (``benchmarks/bench_entropy_exactness.py``)."""
+any magnitude (bit-equal weights). Long rows (measured error up to 9 ulps, mostly the float32 row sum) have no
+exact ties, and a wider tolerance moves more of them off the float64 definition: of 2,000 flat rows, H moved by
+> 1e-4 in 2 with no tolerance, 8 at 2^-21, 21 at 2^-20 (``benchmarks/bench_entropy_exactness.py``)."""
 
 _TOP_P_CANDIDATES = (256, 4096, 32768)
 """How many top tokens the fast path looks at, escalating, before a full sort of a row. At p = 0.95 an LLM's
@@ -130,7 +130,7 @@ def _compute_top_p_entropy_chunk(logits: torch.Tensor, top_p: float) -> torch.Te
     # Unnormalised probabilities w = exp(x - max x), in (0, 1] with exactly 1 at the top token; a new float32 buffer
     # (bf16/fp16 logits are upcast by the subtraction). Deciding the cut on w against p times the row's total weight,
     # both sums of the same rounded w, cancels the normaliser's rounding, which exp(log_softmax) puts on every
-    # probability alike: the mass at the cut then lands up to 128 float32 ulps off its float64 value, against <= 5.4
+    # probability alike: the mass at the cut then lands up to 128 float32 ulps off its float64 value, against <= 9
     # here (``benchmarks/bench_entropy_exactness.py``).
     weights = (logits - logits.max(dim=-1, keepdim=True).values.float()).exp_()  # (C, V)
     num_rows, vocab = weights.shape
@@ -179,11 +179,11 @@ def _compute_truncated_entropy(
         ``(C,)`` float32 entropy of the kept tokens, ``(C,)`` bool: whether the prefix's weight reached the threshold
         (then the kept set lies inside it and the entropy is exact), and ``(C,)`` float64: the prefix's weight.
     """
-    # Inclusive cumulative weight in float64, so the sum itself adds no rounding that could move a token across
-    # the cut; the exclusive one (weight strictly before token i) by shifting, not by `cumulative - w`.
+    # Cumulative weight in float64, so the sum itself adds no rounding that could move a token across the cut.
+    # Token i + 1 is kept iff the weight up to and including token i is below the threshold (the weight strictly
+    # before it; `cumulative - w` would round); the top token always is (nothing before it, threshold > 0).
     cumulative = sorted_weights.cumsum(dim=-1, dtype=torch.float64)  # (C, K)
-    before = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], dim=-1)
-    num_kept = (before < threshold[:, None]).sum(dim=-1)  # (C,) >= 1: the kept tokens are a prefix
+    num_kept = 1 + (cumulative[:, :-1] < threshold[:, None]).sum(dim=-1)  # (C,): the kept tokens are a prefix
     kept_mass = cumulative.gather(1, (num_kept - 1).unsqueeze(1)).squeeze(1).float()  # Z, (C,)
     width = int(num_kept.max()) if num_kept.numel() else 0
     kept = sorted_weights[:, :width]  # (C, width)
