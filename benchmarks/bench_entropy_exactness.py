@@ -11,8 +11,8 @@
    vocabulary, whose nucleus holds thousands of tokens.
 
 Plus the arithmetic behind the cut: how far the float32 mass at the cut lands from its float64 value, in float32
-ulps (2^-24 relative), for the old scheme (exp of float32 log-softmax) and the current one (exp(x - max) against
-the row's summed weight), against ``TOP_P_TOLERANCE`` (8 ulps); and how the boundary and continuous sets fare
+ulps (2^-24 relative), for the old scheme (exp of float32 log-softmax, against p) and the current one (softmax, against
+p times the row's summed softmax), against ``TOP_P_TOLERANCE`` (8 ulps); and how the boundary and continuous sets fare
 at other tolerances (the current implementation with the constant patched).
 
     PYTHONPATH=. python benchmarks/bench_entropy_exactness.py        # [--scale 0.05 --max-vocab 4096]: a toy run
@@ -128,8 +128,8 @@ def cut_mass_error(vocab: int, logit_offset: float, rows: int = 64, seed: int = 
     exact = torch.softmax(logits.double(), dim=-1).gather(1, order).cumsum(dim=-1)
     near = (exact - 0.95).abs() < 0.05
     old = torch.log_softmax(logits, dim=-1).gather(1, order).exp().cumsum(dim=-1, dtype=torch.float64)
-    weights = (logits - logits.max(dim=-1, keepdim=True).values).exp()
-    current = weights.gather(1, order).cumsum(dim=-1, dtype=torch.float64) / weights.sum(dim=-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1)
+    current = probs.gather(1, order).cumsum(dim=-1, dtype=torch.float64) / probs.sum(dim=-1, keepdim=True)
     ulp = 2.0**-24
     return tuple(float(((m - exact).abs() / exact)[near].max()) / ulp for m in (old, current))
 
@@ -161,7 +161,7 @@ def main() -> None:
     issue = torch.tensor([[math.log(x) for x in (0.5, 0.3, 0.15, 0.05)]])
     h = compute_top_p_entropy_from_logits(issue, 0.8).item()
     print(f"| issue row (0.5, 0.3, 0.15, 0.05), p = 0.8 | 1 | H = {h:.4f} ({'two' if h < 0.8 else 'three'} tokens) |")
-    print("\n| rows | logits | mass at the cut vs float64, worst, ulps: exp(log_softmax) | exp(x - max) / Σ |")
+    print("\n| rows | logits | mass at the cut vs float64, worst, ulps: exp(log_softmax) | softmax / Σ softmax |")
     print("| --- | --- | --- | --- |")
     for vocab, offset in ((12, 0.0), (1000, 0.0), (4096, 10.0), (min(32000, big), 10.0), (big, 30.0)):
         old, current = cut_mass_error(vocab, offset)

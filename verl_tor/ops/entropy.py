@@ -35,11 +35,11 @@ TOP_P_TOLERANCE = 2.0**-21
 before it is < p (1 - 2^-21), i.e. a mass within 2^-21 (relative) of p counts as having reached p. The definition's
 boundary is an exact comparison that float32 cannot make: masses that are equal in the intended probabilities
 (the row 0.5, 0.3, 0.15, 0.05 at p = 0.8, whose first two tokens hold exactly 0.8: keep two) come out a few ulps
-apart, on either side. Exact ties arise in short rows (hand-built ones, the few allowed tokens of a masked
-vocabulary), where the mass at the cut is off by at most 3.4 ulps (measured); ties between equal logits are exact at
-any magnitude (bit-equal weights). Long rows (measured error up to 9 ulps, mostly the float32 row sum) have no
-exact ties, and a wider tolerance moves more of them off the float64 definition: of 2,000 flat rows, H moved by
-> 1e-4 in 2 with no tolerance, 8 at 2^-21, 21 at 2^-20 (``benchmarks/bench_entropy_exactness.py``)."""
+apart, on either side. The mass at the cut is off its float64 value by at most 3.5 ulps (measured on rows of 12 to
+151,936 tokens), so 8 ulps decides such ties by the definition; ties between equal logits are exact at any
+magnitude (bit-equal probabilities). The price falls on continuous rows whose mass before the cut token lies within
+the tolerance of p, which drop that token: of 2,000 flat rows, H moved by > 1e-4 against the float64 definition in
+0 with no tolerance, 9 at 2^-21, 21 at 2^-20 (``benchmarks/bench_entropy_exactness.py``)."""
 
 _TOP_P_CANDIDATES = (256, 4096, 32768)
 """How many top tokens the fast path looks at, escalating, before a full sort of a row. At p = 0.95 an LLM's
@@ -83,7 +83,7 @@ def compute_top_p_entropy_from_logits(
     (an exact tie for ``select.py``'s seeded tie-breaking). ``top_p = 1`` returns the full entropy.
 
     Speed, exactly: a full sort of V = 151,936 values per token dominates. Instead each row takes its top k
-    probabilities (``torch.topk`` of exp(x - max x), sorted; k = 256, then 4096, 32768 for the rows still short, see
+    probabilities (``torch.topk``, sorted; k = 256, then 4096, 32768 for the rows still short, see
     ``_TOP_P_CANDIDATES``); once their mass reaches the cut the kept prefix lies inside them (every later token has
     cumulative-before >= the cut), so the answer is the one a full sort gives. A row skips a level that its lower
     bound on the kept count already exceeds, and rows short at every level are sorted in full. Ties at the cut do not
@@ -125,71 +125,67 @@ def _compute_entropy_chunk(logits: torch.Tensor) -> torch.Tensor:
 
 def _compute_top_p_entropy_chunk(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """(C, V) logits -> (C,) float32 top-p entropy: escalating ``topk``, full sort only for rows that need it."""
-    if logits.dtype == torch.float64:
-        logits = logits.float()
-    # Unnormalised probabilities w = exp(x - max x), in (0, 1] with exactly 1 at the top token; a new float32 buffer
-    # (bf16/fp16 logits are upcast by the subtraction). Deciding the cut on w against p times the row's total weight,
-    # both sums of the same rounded w, cancels the normaliser's rounding, which exp(log_softmax) puts on every
-    # probability alike: the mass at the cut then lands up to 128 float32 ulps off its float64 value, against <= 9
-    # here (``benchmarks/bench_entropy_exactness.py``).
-    weights = (logits - logits.max(dim=-1, keepdim=True).values.float()).exp_()  # (C, V)
-    num_rows, vocab = weights.shape
-    # The cut: keep token i iff the weight before it is < p (1 - TOP_P_TOLERANCE) of the total (see TOP_P_TOLERANCE).
-    threshold = weights.sum(dim=-1).double() * (top_p * (1.0 - TOP_P_TOLERANCE))  # (C,) float64
-    entropy = torch.empty(num_rows, dtype=torch.float32, device=weights.device)
-    pending = torch.ones(num_rows, dtype=torch.bool, device=weights.device)  # (C,) rows not done yet
-    # A lower bound on how many tokens a pending row keeps: after a level of k tokens with weight m and smallest
-    # weight τ, the rest are each <= τ, so reaching the threshold needs >= k + (threshold - m) / τ tokens. Rows whose
-    # bound exceeds a level skip it (it cannot succeed there), so flat rows do not pay for every level before their
-    # sort.
-    needed = torch.zeros(num_rows, dtype=torch.float64, device=weights.device)  # (C,)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (C, V), no separate float32 copy
+    num_rows, vocab = probs.shape
+    # The cut compares sums of these probabilities with p times their own row sum, not with p: softmax rounds its
+    # normaliser once per row, which scales every probability of the row alike and cancels in that ratio. (The
+    # former exp(log_softmax) against p carried it: the mass at the cut landed up to 128 float32 ulps off its float64
+    # value, against <= 9 now; ``benchmarks/bench_entropy_exactness.py``.) Keep token i iff the mass before it is
+    # < p (1 - TOP_P_TOLERANCE) of the row's mass.
+    threshold = probs.sum(dim=-1).double() * (top_p * (1.0 - TOP_P_TOLERANCE))  # (C,) float64
+    entropy = torch.empty(num_rows, dtype=torch.float32, device=probs.device)
+    pending = torch.ones(num_rows, dtype=torch.bool, device=probs.device)  # (C,) rows not done yet
+    # A lower bound on how many tokens a pending row keeps: after a level of k tokens with mass m and smallest
+    # probability τ, the rest are each <= τ, so reaching the threshold needs >= k + (threshold - m) / τ tokens. Rows
+    # whose bound exceeds a level skip it (it cannot succeed there), so flat rows do not pay for every level before
+    # their sort.
+    needed = torch.zeros(num_rows, dtype=torch.float64, device=probs.device)  # (C,)
     for k in (*(k for k in _TOP_P_CANDIDATES if k < vocab), vocab):
         final = k == vocab
         ids = (pending if final else pending & (needed <= k)).nonzero().squeeze(1)  # ascending row ids
         if ids.numel() == 0:
             continue
-        if final:  # the full sort decides, even where float rounding left the total weight just below the cut
+        if final:  # the full sort decides, even where float rounding left the total mass just below the cut
             for sub in ids.split(_SORT_ROWS):
-                ordered = torch.sort(weights[sub], dim=-1, descending=True).values  # (<= _SORT_ROWS, V)
+                ordered = torch.sort(probs[sub], dim=-1, descending=True).values  # (<= _SORT_ROWS, V)
                 entropy[sub] = _compute_truncated_entropy(ordered, threshold[sub])[0]
             break
-        rows = weights if ids.numel() == num_rows else weights[ids]  # (C', V); all rows: no gather
+        rows = probs if ids.numel() == num_rows else probs[ids]  # (C', V); all rows: no gather
         top = torch.topk(rows, k, dim=-1, largest=True, sorted=True).values  # (C', k), descending
         h, reached, mass = _compute_truncated_entropy(top, threshold[ids])
         entropy[ids[reached]] = h[reached]
         pending[ids[reached]] = False
         short = ~reached
-        needed[ids[short]] = k + (threshold[ids[short]] - mass[short]) / top[short, -1].double().clamp_min(1e-38)
+        needed[ids[short]] = k + (threshold[ids[short]] - mass[short]) / top[short, -1].double().clamp_min(1e-45)
         if not bool(pending.any()):
             break
     return entropy
 
 
 def _compute_truncated_entropy(
-    sorted_weights: torch.Tensor, threshold: torch.Tensor
+    sorted_probs: torch.Tensor, threshold: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-p entropy from a descending prefix of each row's unnormalised probabilities.
+    """Top-p entropy from a descending prefix of each row's probabilities.
 
     Args:
-        sorted_weights: ``(C, K)`` the K largest weights w = exp(x - max x) of each row, descending (K = V for a full
-            sort); the first is 1.
-        threshold: ``(C,)`` float64, p (1 - ``TOP_P_TOLERANCE``) times the row's total weight.
+        sorted_probs: ``(C, K)`` the K largest probabilities of each row, descending (K = V for a full sort).
+        threshold: ``(C,)`` float64, p (1 - ``TOP_P_TOLERANCE``) times the row's summed probabilities.
 
     Returns:
-        ``(C,)`` float32 entropy of the kept tokens, ``(C,)`` bool: whether the prefix's weight reached the threshold
-        (then the kept set lies inside it and the entropy is exact), and ``(C,)`` float64: the prefix's weight.
+        ``(C,)`` float32 entropy of the kept tokens, ``(C,)`` bool: whether the prefix's mass reached the threshold
+        (then the kept set lies inside it and the entropy is exact), and ``(C,)`` float64: the prefix's mass.
     """
-    # Cumulative weight in float64, so the sum itself adds no rounding that could move a token across the cut.
-    # Token i + 1 is kept iff the weight up to and including token i is below the threshold (the weight strictly
-    # before it; `cumulative - w` would round); the top token always is (nothing before it, threshold > 0).
-    cumulative = sorted_weights.cumsum(dim=-1, dtype=torch.float64)  # (C, K)
+    # Cumulative mass in float64, so the sum itself adds no rounding that could move a token across the cut.
+    # Token i + 1 is kept iff the mass up to and including token i is below the threshold (the mass strictly before
+    # it; `cumulative - p` would round); the top token always is (nothing before it, threshold > 0).
+    cumulative = sorted_probs.cumsum(dim=-1, dtype=torch.float64)  # (C, K)
     num_kept = 1 + (cumulative[:, :-1] < threshold[:, None]).sum(dim=-1)  # (C,): the kept tokens are a prefix
     kept_mass = cumulative.gather(1, (num_kept - 1).unsqueeze(1)).squeeze(1).float()  # Z, (C,)
     width = int(num_kept.max()) if num_kept.numel() else 0
-    kept = sorted_weights[:, :width]  # (C, width)
-    # H = -Σ q log q with q = w / Z: every term is >= 0 (Z >= w, so q <= 1 after rounding too), no cancellation, and
-    # one kept token gives q = w / w = 1 and log 1 = 0, exactly 0. (log Z - Σ w log w / Z would leave +-3e-8 there,
-    # noise that outranks the exact zeros of other rows and breaks select.py's seeded tie-breaking.)
+    kept = sorted_probs[:, :width]  # (C, width)
+    # H = -Σ q log q with q = p / Z: every term is >= 0 (Z >= p, so q <= 1 after rounding too), no cancellation, and
+    # one kept token gives q = p / p = 1 and log 1 = 0, exactly 0. (log Z - Σ p log p / Z left +-3e-8 there, noise
+    # that outranks the exact zeros of other rows and defeats select.py's seeded tie-breaking.)
     q = kept / kept_mass[:, None]
     in_prefix = torch.arange(width, device=kept.device) < num_kept[:, None]
     entropy = -torch.where(in_prefix & (q > 0), q * q.log(), 0.0).sum(dim=-1) + 0.0  # + 0.0: no -0.0
