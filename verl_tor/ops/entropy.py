@@ -21,7 +21,7 @@ __all__ = [
 
 DEFAULT_ENTROPY_CHUNK_SIZE = 256
 """Rows (tokens) per chunk. With Qwen2.5-VL's vocabulary V = 151,936 one float32 (256, V) buffer is 156 MB: the
-top-p path holds the chunk's float32 log-probs plus the ``topk`` candidates (measured extra peak on CPU: ~2 such
+top-p path holds the chunk's float32 probabilities plus the ``topk`` candidates (measured extra peak on CPU: ~2 such
 buffers when rows are peaked, ~4 when every row is flat and needs the full sort, which runs ``_SORT_ROWS`` rows at a
 time), i.e. 0.3-0.6 GB on top of the logits, whatever the number of tokens; each chunk is still ~39M elements,
 enough to keep a GPU busy (4096 tokens = 16 chunks)."""
