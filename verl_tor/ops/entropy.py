@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = [
-    "DEFAULT_ENTROPY_CHUNK_SIZE",
-    "TOP_P_TOLERANCE",
-    "compute_entropy_from_logits",
-    "compute_top_p_entropy_from_logits",
-]
+__all__ = ["DEFAULT_ENTROPY_CHUNK_SIZE", "compute_entropy_from_logits", "compute_top_p_entropy_from_logits"]
 
 DEFAULT_ENTROPY_CHUNK_SIZE = 256
 """Rows (tokens) per chunk. With Qwen2.5-VL's vocabulary V = 151,936 one float32 (256, V) buffer is 156 MB: the
