@@ -240,6 +240,7 @@ def test_config_accepts_top_p_with_either_padding_path():
             cfg = compose(
                 "tor_trainer",
                 overrides=[
+                    "algorithm.adv_estimator=grpo",
                     "tor.enable=true",
                     "tor.entropy=top_p",
                     f"actor_rollout_ref.model.use_remove_padding={remove_padding}",
@@ -248,7 +249,12 @@ def test_config_accepts_top_p_with_either_padding_path():
             assert validate_tor_config(cfg, use_reference_policy=True).entropy == "top_p"
         cfg = compose(
             "tor_trainer",
-            overrides=["tor.enable=true", "tor.entropy=top_p", "actor_rollout_ref.model.use_fused_kernels=true"],
+            overrides=[
+                "algorithm.adv_estimator=grpo",
+                "tor.enable=true",
+                "tor.entropy=top_p",
+                "actor_rollout_ref.model.use_fused_kernels=true",
+            ],
         )
         with pytest.raises(ToRConfigError, match="use_fused_kernels"):
             validate_tor_config(cfg, use_reference_policy=True)

@@ -34,6 +34,7 @@ class _TorchFunctionalWithTopPEntropy:
 
 def install_top_p_entropy_hook() -> bool:
     """Wrap ``FSDPEngineWithLMHead.prepare_model_outputs`` (idempotent). Returns whether it wrapped now."""
+    import verl.utils.torch_functional as torch_functional
     import verl.workers.engine.fsdp.transformer_impl as impl
     from verl.utils import tensordict_utils as tu
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
@@ -43,6 +44,12 @@ def install_top_p_entropy_hook() -> bool:
     original = FSDPEngineWithLMHead.prepare_model_outputs
     if getattr(original, "__verl_tor__", False):
         return False
+    if getattr(impl, "verl_F", None) is not torch_functional:  # the non-packed path's entropy goes through it
+        raise RuntimeError(
+            "verl_tor: verl.workers.engine.fsdp.transformer_impl has no module alias `verl_F` of "
+            "verl.utils.torch_functional, so tor.entropy=top_p could not reach its non-packed entropy. "
+            "Fix: use a verl version verl_tor supports (patches/README.md)."
+        )
 
     @functools.wraps(original)
     def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):

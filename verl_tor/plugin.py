@@ -7,7 +7,7 @@ modules from here would be slow and circular (verl is half-imported at that mome
 ==================================================  =====================================================
 target module (verl 0.9.1)                          what verl_tor does there
 ==================================================  =====================================================
-``verl.trainer.ppo.v1``                             registers trainer mode ``tor_sync`` (``verl_tor.trainer``)
+``verl.trainer.ppo.v1``                             registers modes ``tor_sync``, ``tor_colocate_async``
 ``verl.utils.config``                               wraps ``validate_config`` to validate the ``tor`` block
 ``verl.models.transformers.qwen2_vl``               fixes the no-pixel forward bug, only when present
 ``verl.workers.engine.fsdp.transformer_impl``       top-p entropy in the old-policy pass (``tor.entropy=top_p``)
@@ -96,9 +96,9 @@ def _run_hooks(module_name: str) -> None:
 
 # ---------------------------------------------------------------------- the hooks
 def register_trainer_mode() -> None:
-    from verl_tor.trainer import build_trainer_class
+    from verl_tor.trainer import build_trainer_classes
 
-    build_trainer_class()
+    build_trainer_classes()
 
 
 def wrap_validate_config() -> None:
@@ -134,15 +134,26 @@ def install_top_p_entropy() -> None:
 
 
 # ---------------------------------------------------------------------- state
-def check_verl_version() -> str | None:
-    """``None`` when the installed verl is in ``SUPPORTED_VERL``, else the reason."""
+def verl_version() -> str | None:
+    """The version of the verl this process imports: ``verl.__version__`` when verl is imported (set before verl
+    loads its plugins; right for a source checkout on ``PYTHONPATH`` too), else the installed distribution's."""
     from importlib.metadata import PackageNotFoundError, version
 
+    module = sys.modules.get("verl")
+    if getattr(module, "__version__", None):
+        return str(module.__version__)
+    try:
+        return version("verl")
+    except PackageNotFoundError:
+        return None
+
+
+def check_verl_version() -> str | None:
+    """``None`` when the verl in use is in ``SUPPORTED_VERL``, else the reason."""
     from packaging.specifiers import SpecifierSet
 
-    try:
-        installed = version("verl")
-    except PackageNotFoundError:
+    installed = verl_version()
+    if installed is None:
         return "verl is not installed"
     if installed not in SpecifierSet(SUPPORTED_VERL):
         return f"verl {installed} is outside verl_tor's supported range verl{SUPPORTED_VERL}"
