@@ -41,6 +41,34 @@ TEST_FREQ=${TEST_FREQ:-5}
 # processor sees them). Empty: verl's own default, data.image_patch_size=14 (Qwen2-VL / Qwen2.5-VL); Qwen3-VL: 16.
 IMAGE_PATCH_SIZE=${IMAGE_PATCH_SIZE:-}
 
+# ---- ToR: the paper's definitions (arXiv 2603.25077) -----------------------------------------------------------
+# Every ToR arm passes all of them explicitly, so its command line states what it runs; they equal
+# verl_tor.config.PAPER (tests/test_recipes_on_cpu.py checks both). tor.entropy=top_p is the paper's reasoning score
+# (needs actor_rollout_ref.model.use_fused_kernels=False, set for every arm below); ToRConfig's own default is the
+# free full-vocabulary entropy (recipes/README.md, "tor.entropy"). tor.mode is each arm's own (run_tor_recipe).
+TOR_PAPER_ARGS=(
+  tor.enable=True
+  tor.reasoning_ratio=0.3
+  tor.perception_ratio=0.3
+  tor.reasoning_weight=1.0
+  tor.perception_weight=0.5
+  tor.scope=batch
+  tor.entropy=top_p
+  tor.entropy_top_p=0.95
+  tor.sensitivity=abs_log_ratio
+  tor.image_view=remove
+  tor.scorer_policy=old
+  tor.rank_tokens=all
+)
+
+# run_tor_recipe ALGO EXPERIMENT MODE [overrides...]: run_recipe with the ToR trainer, the paper's tor.* values and
+# tor.mode=MODE (tor, or an ablation arm); overrides after it win (hydra keeps the last value of a key).
+run_tor_recipe() {
+  local algo=$1 experiment=$2 mode=$3
+  shift 3
+  run_recipe "$algo" "$experiment" trainer.v1.trainer_mode=tor_sync "${TOR_PAPER_ARGS[@]}" tor.mode="$mode" "$@"
+}
+
 # run_recipe ALGO EXPERIMENT [overrides...]: ALGO is grpo or dapo; the rest are hydra overrides (ToR flags, "$@").
 run_recipe() {
   local algo=$1 experiment=$2
@@ -60,6 +88,7 @@ run_recipe() {
     data.image_key=images
     actor_rollout_ref.model.path="$MODEL_PATH"
     actor_rollout_ref.model.use_remove_padding=True
+    actor_rollout_ref.model.use_fused_kernels=False
     actor_rollout_ref.model.enable_gradient_checkpointing=True
     actor_rollout_ref.actor.strategy=fsdp2
     actor_rollout_ref.actor.optim.lr="$LR"

@@ -16,6 +16,7 @@ TOY = {
     "bench_select.py": ["--prompts", "4", "--n", "3", "--response-length", "64", "--repeats", "1"],
     "bench_entropy.py": ["--tokens", "64", "--vocab", "2048", "--repeats", "1"],
     "bench_entropy_agreement.py": [],
+    "bench_entropy_exactness.py": ["--scale", "0.05", "--max-vocab", "4096"],
     "bench_stage.py": ["--sizes", "tiny", "--rollouts", "4", "--response-length", "16", "--repeats", "1"],
     "bench_driver.py": ["--rows", "2", "--response-length", "32", "--image-size", "112", "--repeats", "1"],
     "bench_informative.py": [

@@ -1,12 +1,21 @@
-"""tor.entropy=top_p: the hook on verl's real FSDPEngineWithLMHead.prepare_model_outputs (packed path)."""
+"""tor.entropy=top_p: the hook on verl's real FSDPEngineWithLMHead.prepare_model_outputs, on its packed path and its
+non-packed path (unit calls with hand-made logits, and end to end through forward_step on a tiny Qwen2.5-VL)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from tensordict import TensorDict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -83,6 +92,172 @@ def test_top_p_one_equals_full(engine):
     full, _ = call(engine, logits, [6])
     top1, _ = call(engine, logits, [6], tor_entropy_top_p=1.0)
     torch.testing.assert_close(full, top1, rtol=1e-5, atol=1e-5)
+
+
+def call_non_packed(engine, logits, lengths, **flags):
+    """verl's non-packed branch (use_remove_padding=false): padded (B, T, V) logits, as forward_step passes them."""
+    from verl.utils import tensordict_utils as tu
+
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, logits.shape[-1], (n,), generator=g) for n in lengths]
+    input_ids = torch.nested.as_nested_tensor(ids, layout=torch.jagged)
+    micro_batch = TensorDict({"input_ids": input_ids}, batch_size=len(lengths))
+    tu.assign_non_tensor(micro_batch, use_remove_padding=False, calculate_entropy=True, **flags)
+    output_args = {
+        "input_ids_rmpad_rolled": torch.roll(input_ids.values(), -1),
+        "temperature": torch.ones(len(lengths)),
+        "temperature_is_one": True,
+    }
+    out = engine.prepare_model_outputs(types.SimpleNamespace(logits=logits), output_args, micro_batch, None)
+    return out["entropy"].values(), out["log_probs"].values()
+
+
+def test_flag_switches_the_non_packed_path_too_and_nothing_else(engine):
+    import verl.utils.torch_functional as torch_functional
+    import verl.workers.engine.fsdp.transformer_impl as impl
+    from verl.utils import torch_functional as verl_F
+
+    from verl_tor.ops import compute_entropy_from_logits, compute_top_p_entropy_from_logits
+
+    torch.manual_seed(2)
+    lengths = [5, 3]
+    logits = torch.randn(2, 5, 50) * 4  # (B, T, V), row 1 padded after 3 tokens
+    full, lp_full = call_non_packed(engine, logits, lengths)
+    top_p, lp_top_p = call_non_packed(engine, logits, lengths, tor_entropy_top_p=0.8)
+    rows = torch.cat([logits[0, :5], logits[1, :3]])  # the valid positions, in verl's packed order
+    torch.testing.assert_close(full, compute_entropy_from_logits(rows))
+    torch.testing.assert_close(top_p, compute_top_p_entropy_from_logits(rows, 0.8))
+    assert (top_p < full - 1e-3).any()  # the flag really changed what verl computed
+    torch.testing.assert_close(lp_full, lp_top_p)  # log-probs untouched
+    # restored: transformer_impl's alias is the module again, the module's own function was never replaced
+    assert impl.verl_F is torch_functional and torch_functional.entropy_from_logits is verl_F.entropy_from_logits
+    assert engine.compute_entropy_from_logits is verl_F.entropy_from_logits
+    torch.testing.assert_close(call_non_packed(engine, logits, lengths)[0], full)
+
+
+def test_hook_restores_verl_after_an_error_and_refuses_fused_kernels(engine):
+    import verl.utils.torch_functional as torch_functional
+    import verl.workers.engine.fsdp.transformer_impl as impl
+
+    logits = torch.randn(1, 4, 30)
+    with pytest.raises(NotImplementedError, match="pad_mode"):  # verl raises after computing the entropy
+        call_non_packed(engine, logits, [4], tor_entropy_top_p=0.9, pad_mode="left_right")
+    assert impl.verl_F is torch_functional
+    assert engine.compute_entropy_from_logits is torch_functional.entropy_from_logits
+    with pytest.raises(ValueError, match=r"use_fused_kernels=true.*Fix: set actor_rollout_ref.model.use_fused"):
+        call_non_packed(engine, logits, [4], tor_entropy_top_p=0.9, use_fused_kernels=True)
+    assert impl.verl_F is torch_functional
+
+
+FORWARD_STEP = textwrap.dedent(
+    """
+    import json, tempfile, torch
+    import verl
+    import verl.utils.torch_functional as torch_functional
+    import verl.workers.engine.fsdp.transformer_impl as impl
+    from transformers import AutoModelForImageTextToText
+    from verl.utils import hf_processor
+    from verl_tor import tiny
+    from verl_tor.stage import rows_to_tensordict
+    from verl_tor.testing import (EngineLogProbScorer, InMemoryKV, build_verl_row, compute_sequence_log_probs,
+                                  setup_cpu_engine)
+
+    ckpt = tempfile.mkdtemp()
+    tiny.save_tiny_checkpoint(ckpt)
+    proc = hf_processor(ckpt)
+    model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+    def prompt(question, image):
+        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": question}]
+        text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        tokenize=False)
+        return proc(text=[text], images=[image] if image is not None else None, return_tensors="pt")["input_ids"][0]
+
+    problem = tiny.make_geometry_problem(0)
+    rows = [build_verl_row(proc, prompt(problem["question"], problem["image"]), torch.arange(6) + 40,
+                           [problem["image"]]),
+            build_verl_row(proc, prompt("What is two plus two?", None), torch.tensor([40, 41, 42]), None)]
+    keys = ["a", "b"]
+    # independent reference first: the model's own forward (before verl patches the classes), response positions
+    want = {}
+    for top_p in (None, 0.7):
+        parts = [compute_sequence_log_probs(model, r, with_entropy=True, entropy_top_p=top_p)
+                 for r in rows]
+        want[top_p] = [torch.cat([p[k][-len(r["responses"]) - 1:-1] for p, r in zip(parts, rows)]) for k in (0, 1)]
+
+    store = InMemoryKV()
+    store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
+    engine = setup_cpu_engine(model)
+    scorer = EngineLogProbScorer(store, engine)
+    got = {}
+    for top_p in (None, 0.7):
+        scorer.compute_old_log_prob(keys, entropy_top_p=top_p)
+        out = store.kv_batch_get(keys, "train", ["old_log_probs", "entropy"])
+        got[top_p] = [out["old_log_probs"].values(), out["entropy"].values()]
+    err = lambda a, b: float((a - b).abs().max())
+    print(json.dumps({
+        "log_prob_err": max(err(got[p][0], want[p][0]) for p in got),
+        "entropy_err": {str(p): err(got[p][1], want[p][1]) for p in got},
+        "top_p_below_full": int((got[0.7][1] < got[None][1] - 1e-3).sum()),
+        "tokens": int(got[0.7][1].numel()),
+        "flag_reached_verl": [c.get("tor_entropy_top_p") for c in scorer.calls],
+        "restored": impl.verl_F is torch_functional
+        and engine.compute_entropy_from_logits is torch_functional.entropy_from_logits,
+    }))
+    """
+)
+
+
+def test_top_p_entropy_through_verl_forward_step_non_packed():
+    """The old-policy pass through verl's real forward_step (use_remove_padding=false, as on CPU): with the trainer's
+    flag the entropy verl writes back is the top-p one, equal to an independent computation from the model's own
+    forward; without it, verl's full entropy. verl's model patch is process-wide: a fresh interpreter."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FORWARD_STEP],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["log_prob_err"] < 1e-4, result
+    assert result["entropy_err"]["None"] < 1e-4 and result["entropy_err"]["0.7"] < 1e-4, result
+    assert result["top_p_below_full"] > result["tokens"] // 2, result  # top-p, not the full entropy
+    assert result["flag_reached_verl"] == [None, 0.7] and result["restored"], result
+
+
+def test_config_accepts_top_p_with_either_padding_path():
+    """Both engine paths compute the top-p entropy now, so the config check no longer refuses remove padding off."""
+    from hydra import compose, initialize_config_dir
+
+    from verl_tor.config import ToRConfigError
+    from verl_tor.trainer import validate_tor_config
+
+    with initialize_config_dir(config_dir=str(ROOT / "recipes" / "config"), version_base=None):
+        for remove_padding in ("true", "false"):
+            cfg = compose(
+                "tor_trainer",
+                overrides=[
+                    "algorithm.adv_estimator=grpo",
+                    "tor.enable=true",
+                    "tor.entropy=top_p",
+                    f"actor_rollout_ref.model.use_remove_padding={remove_padding}",
+                ],
+            )
+            assert validate_tor_config(cfg, use_reference_policy=True).entropy == "top_p"
+        cfg = compose(
+            "tor_trainer",
+            overrides=[
+                "algorithm.adv_estimator=grpo",
+                "tor.enable=true",
+                "tor.entropy=top_p",
+                "actor_rollout_ref.model.use_fused_kernels=true",
+            ],
+        )
+        with pytest.raises(ToRConfigError, match="use_fused_kernels"):
+            validate_tor_config(cfg, use_reference_policy=True)
 
 
 def test_trainer_sets_the_flag_only_around_the_old_log_prob_pass(monkeypatch):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import verl_tor.ops.entropy as entropy_module
 from verl_tor.ops import compute_entropy_from_logits, compute_top_p_entropy_from_logits
+from verl_tor.ops.entropy import TOP_P_TOLERANCE
 
 
 def reference_entropy(row: list[float]) -> float:
@@ -23,14 +24,15 @@ def reference_entropy(row: list[float]) -> float:
 
 
 def reference_top_p_entropy(row: list[float], top_p: float) -> float:
-    """The paper's truncated entropy by the definition: sort, keep while the mass before < p, renormalise."""
+    """The paper's truncated entropy by the definition, in float64: sort, keep while the mass before < p (a mass
+    within the documented relative tolerance of p counts as reaching it), renormalise."""
     finite = [x for x in row if x != -math.inf]
     top = max(finite)
     z = sum(math.exp(x - top) for x in finite)
     probs = sorted((math.exp(x - top) / z for x in finite), reverse=True)
     kept, before = [], 0.0
     for p in probs:
-        if before >= top_p:
+        if before >= top_p * (1 - TOP_P_TOLERANCE):
             break
         kept.append(p)
         before += p
@@ -76,6 +78,75 @@ def test_masked_vocabulary_gives_no_nan():
         assert torch.isfinite(out).all()
     assert compute_entropy_from_logits(logits)[1].item() == pytest.approx(math.log(2), rel=1e-6)
     assert compute_top_p_entropy_from_logits(logits, 0.9)[1].item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+def dominant_token_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Rows whose top token alone holds >= 95% of the mass: random logits plus a spike of 8-20 on one token."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g)
+    spike = torch.randint(0, vocab, (rows, 1), generator=g)
+    return logits.scatter_add(1, spike, 8 + 12 * torch.rand(rows, 1, generator=g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("levels", [(256, 4096, 32768), ()])  # the topk path and the full sort
+def test_one_token_nucleus_is_exactly_zero(monkeypatch, dtype, levels):
+    # 0 exactly, not rounding noise: noise of ~1e-8 outranks the exact zeros of other rows, so the ρ cut would take
+    # these rows first instead of drawing among all of them (select.py's seeded tie-breaking).
+    monkeypatch.setattr(entropy_module, "_TOP_P_CANDIDATES", levels)
+    logits = dominant_token_logits(1000, 500, seed=0).to(dtype)
+    probs = torch.softmax(logits.double(), dim=-1)
+    one_token = probs.max(dim=-1).values >= 0.95 * (1 + 1e-4)  # clear of the boundary either way
+    several = probs.max(dim=-1).values < 0.95 * (1 - 1e-4)
+    assert int(one_token.sum()) > 500 and int(several.sum()) > 100
+    h = compute_top_p_entropy_from_logits(logits, 0.95, chunk_size=256)
+    assert int((h[one_token] != 0).sum()) == 0
+    assert (h[several] > 0).all()
+    assert not torch.signbit(h).any()  # +0.0, not -0.0
+    # hand-built: 0.97 / 0.02 / 0.01 keeps the top token only; so does a one-hot row, and any row at tiny p
+    hand = torch.tensor([[math.log(0.02), math.log(0.97), math.log(0.01)], [0.0, 60.0, -5.0]])
+    assert compute_top_p_entropy_from_logits(hand, 0.95).tolist() == [0.0, 0.0]
+    assert compute_top_p_entropy_from_logits(hand, 1e-6).tolist() == [0.0, 0.0]
+
+
+def test_issue_row_at_the_exact_boundary_keeps_two_tokens():
+    # (0.5, 0.3, 0.15, 0.05) at p = 0.8: the mass before the third token is exactly 0.8, not < 0.8: keep two.
+    row = torch.tensor([[math.log(x) for x in (0.15, 0.5, 0.05, 0.3)]])
+    two = -(0.625 * math.log(0.625) + 0.375 * math.log(0.375))  # 0.6616
+    three = -sum(q * math.log(q) for q in (0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95))  # 0.9933
+    assert compute_top_p_entropy_from_logits(row, 0.8).item() == pytest.approx(two, rel=1e-6)
+    assert two == pytest.approx(0.6616, abs=1e-4) and three == pytest.approx(0.9933, abs=1e-4)
+    # just either side of the boundary (4x the tolerance, ~4e-6) moving p ...
+    step = 4 * TOP_P_TOLERANCE
+    assert compute_top_p_entropy_from_logits(row, 0.8 * (1 - step)).item() == pytest.approx(two, rel=1e-6)
+    assert compute_top_p_entropy_from_logits(row, 0.8 * (1 + step)).item() == pytest.approx(three, rel=1e-6)
+    # ... or the row: 0.3 +- 1e-5 puts the mass before the third token at 0.8 +- 1e-5
+    for delta, want in ((1e-5, 2), (-1e-5, 3)):
+        probs = (0.5, 0.3 + delta, 0.15 - delta, 0.05)
+        kept = [q / sum(probs[:want]) for q in probs[:want]]
+        h = compute_top_p_entropy_from_logits(torch.tensor([[math.log(x) for x in probs]]), 0.8).item()
+        assert h == pytest.approx(-sum(q * math.log(q) for q in kept), rel=1e-5)
+    # within the tolerance (1/4 of it) the masses count as equal: still two tokens
+    assert compute_top_p_entropy_from_logits(row, 0.8 * (1 + TOP_P_TOLERANCE / 4)).item() == pytest.approx(two, 1e-6)
+
+
+@pytest.mark.parametrize("levels", [(256,), (2, 4), ()])  # topk with room, escalation, full sort
+@pytest.mark.parametrize("offset", [0.0, 37.25, -80.0])  # softmax is shift-invariant; so must the cut be
+def test_uniform_blocks_tie_exactly_at_k_over_n(monkeypatch, levels, offset):
+    # n equal logits (and a negligible -inf tail): at p = k/n the mass before token k+1 is exactly p -> keep k
+    # tokens, H = ln k; just above (4x the tolerance) -> k+1 tokens. Equal logits give bit-equal weights, so this
+    # holds at any logit magnitude.
+    monkeypatch.setattr(entropy_module, "_TOP_P_CANDIDATES", levels)
+    for n in range(2, 13):
+        logits = torch.full((n - 1, n + 3), -math.inf)
+        logits[:, :n] = offset
+        logits = logits[:, torch.randperm(n + 3, generator=torch.Generator().manual_seed(n))]
+        for k in range(1, n):
+            at = compute_top_p_entropy_from_logits(logits[k - 1 : k], k / n)
+            above = compute_top_p_entropy_from_logits(logits[k - 1 : k], k / n * (1 + 4 * TOP_P_TOLERANCE))
+            assert at.item() == pytest.approx(math.log(k), abs=1e-6), (n, k)
+            assert above.item() == pytest.approx(math.log(k + 1), abs=1e-6), (n, k)
 
 
 # ---------------------------------------------------------------------------------------------- references

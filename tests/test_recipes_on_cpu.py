@@ -139,6 +139,60 @@ def test_each_model_family_gets_its_own_settings(composed):
         assert diff <= {"actor_rollout_ref.model.path", "trainer.experiment_name", "data.image_patch_size"}, diff
 
 
+ARM_MODES = {
+    "grpo_tor": "tor",
+    "dapo_tor": "tor",
+    "grpo_tor_reasoning_only": "reasoning_only",
+    "grpo_tor_perception_only": "perception_only",
+    "grpo_tor_random": "random",
+}
+
+
+def tor_args(argv: list[str]) -> dict:
+    """The tor.* overrides of a composed command, typed as hydra types them (the last value of a key wins)."""
+    return OmegaConf.to_container(OmegaConf.from_dotlist([a for a in argv if a.startswith("tor.")]))["tor"]
+
+
+def test_tor_arms_run_the_paper_definitions(composed):
+    """Every ToR arm states every paper value on its command line, and the composed config runs exactly them (the
+    arm's own tor.mode aside); tor.entropy=top_p gets what it needs (no fused kernels, verl's FSDP engine)."""
+    from verl_tor.config import PAPER
+
+    scripts = [s for s in SCRIPTS if s.stem in ARM_MODES]
+    assert len(scripts) == 5 * len(MODELS)
+    for script in scripts:
+        want = {**PAPER, "mode": ARM_MODES[script.stem]}
+        stated = tor_args(dry_run(script))
+        assert {k: stated.get(k) for k in want} == want, script
+        cfg = composed[script]
+        assert {k: cfg.tor[k] for k in want} == want and cfg.tor.enable is True, script
+        model, actor = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor
+        assert model.use_fused_kernels is False and actor.strategy in ("fsdp", "fsdp2"), script
+
+
+def test_recipes_readme_paper_values_are_the_paper():
+    """Every `tor.<field>=<value>` the recipes README marks as "paper" is PAPER's value, and every PAPER field is
+    there."""
+    import re
+
+    from verl_tor.config import PAPER
+
+    text = (ROOT / "recipes" / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("|") and line.rstrip(" |").endswith("paper")]
+    stated = tor_args([m for row in rows for m in re.findall(r"`(tor\.\w+=[^`]+)`", row)])
+    assert stated == PAPER
+
+
+def test_config_defaults_are_the_paper_except_the_entropy():
+    """ToRConfig's defaults are the paper's except tor.entropy (full: free, documented as not the paper's)."""
+    from verl_tor.config import PAPER, ToRConfig
+
+    defaults = ToRConfig()
+    assert {k for k, v in PAPER.items() if getattr(defaults, k) != v} == {"entropy"}
+    assert "not the paper's" in ToRConfig.field_docs()["entropy"]
+    assert ToRConfig(enable=True, **PAPER).entropy == "top_p"  # the paper's values validate together
+
+
 def test_overrides_and_env_reach_the_command():
     argv = dry_run(ROOT / "recipes" / "qwen2_5_vl_3b_geo3k" / "grpo_tor.sh", "tor.perception_weight=1.0")
     assert argv[-1] == "tor.perception_weight=1.0"

@@ -5,7 +5,8 @@ A user writes it as a ``tor:`` block in a verl/hydra config or as ``+tor.<field>
 ``ToRConfig.from_mapping`` turns either (a dict or an omegaconf ``DictConfig``) into this dataclass.
 
 Paper: "Bridging Perception and Reasoning: Token Reweighting for RLVR in Multimodal LLMs" (arXiv 2603.25077).
-Defaults are the paper's; ``enable=False`` makes every verl_tor hook a no-op.
+Defaults are the paper's except ``entropy`` (the paper's values: ``PAPER``); ``enable=False`` makes every verl_tor
+hook a no-op.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, fields
 from functools import cache
 from typing import Any
 
-__all__ = ["ToRConfig", "ToRConfigError", "CHOICES"]
+__all__ = ["ToRConfig", "ToRConfigError", "CHOICES", "PAPER"]
 
 
 class ToRConfigError(ValueError):
@@ -48,6 +49,24 @@ FLOAT32_TINY = 1.1754943508222875e-38
 """Smallest positive normal float32; a smaller non-zero value becomes subnormal or 0 in those tensors."""
 SEED_LIMIT = 1 << 63
 """Seeds are used as torch generator seeds and int64 tensor values: 0 <= seed < 2**63."""
+
+# The paper's settings (arXiv 2603.25077, §3-4), in one place: the GPU recipes pass exactly these
+# (recipes/common.sh) and tests/test_recipes_on_cpu.py checks every "paper" value of the recipes and their README
+# against this table. ToRConfig's defaults equal it except `entropy` (default `full`, the free option; see its doc).
+PAPER: dict[str, Any] = {
+    "reasoning_ratio": 0.3,  # ρ_r
+    "perception_ratio": 0.3,  # ρ_p
+    "reasoning_weight": 1.0,  # γ_r
+    "perception_weight": 0.5,  # γ_p
+    "scope": "batch",  # both thresholds over every response token of the rollout batch
+    "entropy": "top_p",  # reasoning score: entropy of the top-p truncated, renormalised distribution
+    "entropy_top_p": 0.95,
+    "sensitivity": "abs_log_ratio",  # |log π(o_t|I,q,o_<t) − log π(o_t|∅,q,o_<t)|
+    "image_view": "remove",  # ∅: the image removed from the prompt
+    "scorer_policy": "old",  # the same old policy scores both views
+    "mode": "tor",  # γ_r on T_r, γ_p on T_p \ T_r, 0 elsewhere
+    "rank_tokens": "all",  # every valid response token takes part in the ranking
+}
 
 
 @dataclass(frozen=True)
@@ -80,11 +99,12 @@ class ToRConfig:
     ``sequence`` (per response) or ``group`` (per prompt group, by verl's ``uid``)."""
 
     entropy: str = "full"
-    """Entropy used to rank reasoning tokens: ``full`` (full-vocabulary entropy, which verl's old-log-prob pass
-    already returns for free) or ``top_p`` (the paper's entropy of the top-p truncated, renormalised distribution;
-    needs logits, so it costs an engine hook and ``use_fused_kernels=False``). Default ``full`` (not the paper's):
-    it is free, and on LLM-like distributions both select ~99% the same T_r at ρ_r=0.3
-    (``benchmarks/bench_entropy_agreement.py``); use ``top_p`` for the paper's exact definition."""
+    """Entropy used to rank reasoning tokens: ``top_p`` (paper: the entropy of the top-p truncated, renormalised
+    distribution; computed from the logits in the old-policy pass by an engine hook, so it needs
+    ``use_fused_kernels=False``; the GPU recipes run it) or ``full`` (the full-vocabulary entropy, which verl's
+    old-log-prob pass already returns for free). Default ``full``, the cheap option, not the paper's: on synthetic
+    LLM-like distributions the two select 98.7% the same T_r at ρ_r=0.3 (``benchmarks/bench_entropy_agreement.py``);
+    check a real model with ``verl-tor inspect ... tor.entropy=top_p`` before relying on it."""
 
     entropy_top_p: float = 0.95
     """p of the top-p truncation when ``entropy=top_p``: keep the smallest set of tokens whose cumulative

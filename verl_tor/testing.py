@@ -324,19 +324,16 @@ class EngineLogProbScorer(_OldLogProbPass):
         from verl.utils import tensordict_utils as tu
 
         info = dict(meta.extra_info or {})
-        if info.get(TOP_P_FLAG) is not None:
-            raise ValueError(
-                "tor.entropy=top_p: verl's engine computes the top-p entropy only on its packed (remove-padding, "
-                "flash-attn) path, and this CPU engine runs the non-packed one. Fix: tor.entropy=full, or score "
-                "with LocalLogProbScorer."
-            )
         data = self.store.kv_batch_get(meta.keys, meta.partition_id)
         self.calls.append({"n": len(meta.keys), "partition_id": meta.partition_id, "fields": set(data.keys()), **info})
+        # the ToR trainer's flag for the old-policy pass (tor.entropy=top_p): verl_tor.engine's hook reads it
+        flags = {TOP_P_FLAG: float(info[TOP_P_FLAG])} if info.get(TOP_P_FLAG) is not None else {}
         tu.assign_non_tensor(
             data,
             use_remove_padding=False,
             calculate_entropy=bool(info.get("calculate_entropy", False)),
             temperature=float(info.get("temperature", 1.0)),
+            **flags,
         )
         with torch.no_grad():
             _, output = self.engine.forward_step(data, loss_function=None, forward_only=True)

@@ -137,12 +137,6 @@ def validate_tor_config(config: Any, use_reference_policy: bool | None = None) -
             f"actor_rollout_ref.actor.strategy={strategy!r}: the old-policy pass would return the full entropy and "
             f"ToR would silently rank by it. Fix: use strategy {' or '.join(TOP_P_STRATEGIES)}, or tor.entropy=full."
         )
-    if tor.entropy == "top_p" and not config.actor_rollout_ref.model.get("use_remove_padding", True):
-        raise ToRConfigError(
-            "tor.entropy='top_p' is computed by the engine's packed (remove-padding) path; with "
-            "actor_rollout_ref.model.use_remove_padding=false verl computes entropy elsewhere and the hook would be "
-            "skipped. Fix: set actor_rollout_ref.model.use_remove_padding=true, or tor.entropy=full."
-        )
     if tor.scorer_policy == "ref" and tor.needs_image_free_pass:
         if use_reference_policy is None:
             from verl.trainer.ppo.utils import need_reference_policy

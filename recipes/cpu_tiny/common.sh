@@ -34,41 +34,42 @@ RAY_TMP=${RAY_TMP:-/tmp/verl_tor_ray}
 # shellcheck source-path=SCRIPTDIR source=../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
-# run_cpu_recipe ALGO EXPERIMENT [overrides...]: ../common.sh's run_recipe, then what a CPU needs.
-run_cpu_recipe() {
-  local algo=$1 experiment=$2
-  shift 2
-  run_recipe "$algo" "$experiment" \
-    trainer.device=cpu \
-    trainer.total_training_steps="$TOTAL_STEPS" \
-    trainer.val_before_train=False \
-    trainer.default_local_dir="$OUT_DIR/$experiment" \
-    trainer.resume_mode=disable \
-    data.seed="$SEED" \
-    data.dataloader_num_workers=0 \
-    actor_rollout_ref.rollout.name=hf \
-    actor_rollout_ref.rollout.full_determinism=True \
-    actor_rollout_ref.rollout.seed="$SEED" \
-    actor_rollout_ref.rollout.agent.num_workers=1 \
-    actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=False \
-    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu="$MICRO_BATCH_SIZE" \
-    actor_rollout_ref.model.use_remove_padding=False \
-    actor_rollout_ref.model.enable_gradient_checkpointing=False \
-    +actor_rollout_ref.model.override_config.attn_implementation=sdpa \
-    actor_rollout_ref.actor.use_dynamic_bsz=False \
-    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu="$MICRO_BATCH_SIZE" \
-    "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}" \
-    actor_rollout_ref.actor.fsdp_config.use_torch_compile=False \
-    actor_rollout_ref.actor.fsdp_config.seed="$SEED" \
-    actor_rollout_ref.ref.log_prob_use_dynamic_bsz=False \
-    actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu="$MICRO_BATCH_SIZE" \
-    actor_rollout_ref.ref.fsdp_config.param_offload=False \
-    "+actor_rollout_ref.ref.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}" \
-    actor_rollout_ref.ref.fsdp_config.use_torch_compile=False \
-    reward.num_workers=1 \
-    transfer_queue.backend.SimpleStorage.num_data_storage_units=1 \
-    ray_kwargs.ray_init.num_cpus=32 \
-    +ray_kwargs.ray_init.num_gpus="$N_GPUS_PER_NODE" \
-    +ray_kwargs.ray_init._temp_dir="$RAY_TMP" \
-    "$@"
+# cpu_args EXPERIMENT: sets CPU_ARGS, what a CPU needs on top of ../common.sh's command line. The scripts pass it to
+# run_recipe / run_tor_recipe before "$@", after the GPU settings it replaces (hydra keeps the last value of a key).
+cpu_args() {
+  local experiment=$1
+  # shellcheck disable=SC2034  # read by the scripts that source this file
+  CPU_ARGS=(
+    trainer.device=cpu
+    trainer.total_training_steps="$TOTAL_STEPS"
+    trainer.val_before_train=False
+    trainer.default_local_dir="$OUT_DIR/$experiment"
+    trainer.resume_mode=disable
+    data.seed="$SEED"
+    data.dataloader_num_workers=0
+    actor_rollout_ref.rollout.name=hf
+    actor_rollout_ref.rollout.full_determinism=True
+    actor_rollout_ref.rollout.seed="$SEED"
+    actor_rollout_ref.rollout.agent.num_workers=1
+    actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=False
+    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu="$MICRO_BATCH_SIZE"
+    actor_rollout_ref.model.use_remove_padding=False
+    actor_rollout_ref.model.enable_gradient_checkpointing=False
+    +actor_rollout_ref.model.override_config.attn_implementation=sdpa
+    actor_rollout_ref.actor.use_dynamic_bsz=False
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu="$MICRO_BATCH_SIZE"
+    "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"
+    actor_rollout_ref.actor.fsdp_config.use_torch_compile=False
+    actor_rollout_ref.actor.fsdp_config.seed="$SEED"
+    actor_rollout_ref.ref.log_prob_use_dynamic_bsz=False
+    actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu="$MICRO_BATCH_SIZE"
+    actor_rollout_ref.ref.fsdp_config.param_offload=False
+    "+actor_rollout_ref.ref.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"
+    actor_rollout_ref.ref.fsdp_config.use_torch_compile=False
+    reward.num_workers=1
+    transfer_queue.backend.SimpleStorage.num_data_storage_units=1
+    ray_kwargs.ray_init.num_cpus=32
+    +ray_kwargs.ray_init.num_gpus="$N_GPUS_PER_NODE"
+    +ray_kwargs.ray_init._temp_dir="$RAY_TMP"
+  )
 }

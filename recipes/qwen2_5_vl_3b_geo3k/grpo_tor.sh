@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
-# ToR-GRPO (paper defaults), Qwen2.5-VL-3B-Instruct on Geometry3K (recipes/README.md). Overrides: VAR=value bash grpo_tor.sh [hydra overrides]
+# ToR-GRPO (the paper's settings), Qwen2.5-VL-3B-Instruct on Geometry3K (recipes/README.md). Overrides: VAR=value bash grpo_tor.sh [hydra overrides]
 set -xeuo pipefail
 MODEL_PATH=${MODEL_PATH:-Qwen/Qwen2.5-VL-3B-Instruct}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-qwen2_5_vl_3b_geo3k_grpo_tor}
 # shellcheck source-path=SCRIPTDIR source=../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
-run_recipe grpo "$EXPERIMENT_NAME" \
-  trainer.v1.trainer_mode=tor_sync \
-  tor.enable=True \
-  "$@"
+run_tor_recipe grpo "$EXPERIMENT_NAME" tor "$@"

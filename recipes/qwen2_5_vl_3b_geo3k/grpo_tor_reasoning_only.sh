@@ -6,8 +6,4 @@ EXPERIMENT_NAME=${EXPERIMENT_NAME:-qwen2_5_vl_3b_geo3k_grpo_tor_reasoning_only}
 # shellcheck source-path=SCRIPTDIR source=../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
-run_recipe grpo "$EXPERIMENT_NAME" \
-  trainer.v1.trainer_mode=tor_sync \
-  tor.enable=True \
-  tor.mode=reasoning_only \
-  "$@"
+run_tor_recipe grpo "$EXPERIMENT_NAME" reasoning_only "$@"

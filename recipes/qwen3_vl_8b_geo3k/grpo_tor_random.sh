@@ -7,8 +7,4 @@ IMAGE_PATCH_SIZE=${IMAGE_PATCH_SIZE:-16}  # Qwen3-VL: 16-px patches (Qwen2/2.5-V
 # shellcheck source-path=SCRIPTDIR source=../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
-run_recipe grpo "$EXPERIMENT_NAME" \
-  trainer.v1.trainer_mode=tor_sync \
-  tor.enable=True \
-  tor.mode=random \
-  "$@"
+run_tor_recipe grpo "$EXPERIMENT_NAME" random "$@"
