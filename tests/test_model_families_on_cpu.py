@@ -151,7 +151,11 @@ ENGINE = textwrap.dedent(
         noimg[i, :n] = compute_sequence_log_probs(model, scratch)[0][-n - 1:-1] if img is not None else old[i, :n]
     cfg = ToRConfig(enable=True, apply="loss", scope="group")
     index = np.array([r["uid"] for r in rows], dtype=object)
-    want, _ = compute_tor_weights(ent, (old - noimg).abs() * mask, mask, cfg, index=index, step=5)
+    # text-only rows have no S_t and take no part in T_p (the stage's rule: verl_tor.stage, recipes README FAQ)
+    has_image = torch.tensor([img is not None for _, img, _ in plan])[:, None] & mask.bool()
+    want, _ = compute_tor_weights(
+        ent, (old - noimg).abs() * mask, mask, cfg, index=index, step=5, sensitivity_mask=has_image
+    )
 
     engine = setup_cpu_engine(model)  # applies verl_tor's fix (when the bug is there) and verl's model patch
     calls = []
