@@ -190,7 +190,8 @@ ENGINE = textwrap.dedent(
         KVMeta(keys=keys, partition_id="train"), metrics, {}, step=5)
     w = torch.nested.to_padded_tensor(store.kv_batch_get(keys, "train", ["tor_weights"])["tor_weights"], 0.0)
     result.update(weights_equal=bool(torch.equal(w, want)), selected=int((w > 0).sum()),
-                  no_image_frac=metrics["tor/no_image_frac"], fix_calls_total=len(calls))
+                  no_image_frac=metrics["tor/no_image_frac"], fix_calls_total=len(calls),
+                  view_fields=sorted(scorer.calls[-1]["fields"]))
     print(json.dumps(result))
     """
 )
@@ -214,6 +215,8 @@ def test_engine_forward_stage_and_no_pixel_fix(name):
     assert max(result["forward_err"].values()) < 1e-4, result  # verl's engine == plain HF, with and without pixels
     assert result["weights_equal"] and result["selected"] > 0, result
     assert abs(result["no_image_frac"] - 0.2) < 1e-6  # 1 text-only row of 5
+    assert {"input_ids", "position_ids", "loss_mask"} <= set(result["view_fields"])  # what verl's forward reads
+    assert "multi_modal_inputs" not in result["view_fields"]  # `remove`: no pixels in the image-free rows
     if name in AFFECTED_MODEL_TYPES:  # verl's qwen2_vl module: broken without the fix, fixed by it
         assert "AttributeError" in result["unfixed_text"] and "mean" in result["unfixed_text"], result
         assert result["fix_calls_text"] >= 1 and result["fix_calls_total"] > result["fix_calls_text"]
