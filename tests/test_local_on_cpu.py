@@ -120,9 +120,17 @@ CPU_OK = (
 
 @pytest.fixture
 def local_env(monkeypatch):
+    """A clean environment for the local backend's switches, restored afterwards (``validate_local_config`` exports
+    ``VERL_TOR_ROLLOUT`` into ``os.environ`` for the Ray workers a run starts)."""
+    saved = {k: os.environ.get(k) for k in ("VERL_PLATFORM", "VERL_TOR_ROLLOUT")}
     monkeypatch.delenv("VERL_PLATFORM", raising=False)
     monkeypatch.delenv("VERL_TOR_ROLLOUT", raising=False)
-    return monkeypatch
+    yield monkeypatch
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.mark.parametrize(
@@ -210,7 +218,7 @@ def test_hf_server_generates_from_the_image_with_the_policy_log_probs(server_fac
     assert not set(out.token_ids) & set(server.banned_ids)
     # the returned log-probs are the temperature-scaled policy's at the sampled tokens (what the actor recomputes)
     enc = tiny_processor(
-        text=[tiny_processor.tokenizer.decode(expanded)], images=[geometry_images[0]], return_tensors="pt"
+        text=[tiny_processor.tokenizer.decode(collapsed)], images=[geometry_images[0]], return_tensors="pt"
     )
     ids = torch.tensor([expanded + out.token_ids])
     assert torch.equal(enc["input_ids"][0], torch.tensor(expanded))

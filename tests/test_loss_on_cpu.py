@@ -201,4 +201,5 @@ def test_loss_wrapper_reaches_a_verl_ray_worker_through_set_loss_fn(actor_config
         "wrap_validate_config",
         "fix_qwen2_vl",
         "install_top_p_entropy",
-    }
+        "fix_mrope_position_ids",
+    }  # and no local-backend hook: the worker's environment does not select it

@@ -102,12 +102,15 @@ def validate_local_config(config: Any) -> None:
     Raises ``LocalBackendError`` naming the setting, its value and the fix. A config that selects nothing local
     (no ``VERL_PLATFORM=cpu``, no ``trainer.device=cpu``, rollout not ``hf``) passes untouched.
     """
+    from omegaconf import OmegaConf
+
     from verl_tor.local.rollout import ROLLOUT_NAME
 
-    rollout = config.actor_rollout_ref.rollout
-    device = str(config.trainer.get("device", "cuda"))
+    # a stock ppo_trainer config leaves rollout.name MISSING (???) until a recipe sets it
+    name = OmegaConf.select(config, "actor_rollout_ref.rollout.name", default=None, throw_on_missing=False)
+    device = str(OmegaConf.select(config, "trainer.device", default="cuda"))
     on_cpu = cpu_platform_selected()
-    uses_hf = rollout.name == ROLLOUT_NAME
+    uses_hf = name == ROLLOUT_NAME
     if not (on_cpu or uses_hf or device == "cpu"):
         return
     if device == "cpu" and not on_cpu:
