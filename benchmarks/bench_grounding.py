@@ -20,6 +20,7 @@ paper defaults ρ_r = ρ_p = 0.3, batch scope) and the script prints:
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -28,7 +29,6 @@ import torch
 
 from verl_tor.config import ToRConfig
 from verl_tor.figures import (
-    CONTROLS,
     FIGURE_READER_CHECKPOINT,
     KINDS,
     load_figure_reader,
@@ -50,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problems", type=int, default=64, help="held-out problems (val split)")
     parser.add_argument("--n", type=int, default=4, help="sampled responses per problem (T=1.0)")
     parser.add_argument("--seed", type=int, default=0, help="val split, sampling and random-model seed")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: as fast for a 1M model, robust to load)"
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     print(f"# bench_grounding: {sys.executable} benchmarks/bench_grounding.py {' '.join(sys.argv[1:])}")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}")
+    threads = torch.get_num_threads()
+    print(f"# torch {torch.__version__}, {threads} threads, {os.cpu_count()} cores, python {platform.python_version()}")
 
     from verl_tor.tiny import build_tiny_qwen2_5_vl
 
@@ -85,29 +90,31 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         "| model | responses | image_view | in format | tokens | figure-derived share (chance) | T_p precision | "
-        "x chance | read digits in T_p | top-10% precision |"
+        "x chance | read digits in T_p | top-10% precision | mean S_t: read digits / template (nats) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (name, responses_name, view), m in runs.items():
         g, g10 = m.grounding(), m.grounding(m.top_fraction(0.1))
+        read, template = m.sensitivity[m.mask_of("read")], m.sensitivity[m.mask_of("template")]
+        s_read = f"{read.mean():.2f}" if read.numel() else "n/a"
+        s_template = f"{template.mean():.3f}" if template.numel() else "n/a"
         print(
             f"| {name} | {responses_name} | {view} | {m.parsed.float().mean():.2f} | {int(m.response_mask.sum())} "
             f"| {_fmt(g['chance'])} | {_fmt(g['precision'])} | {_fmt(g['lift'])} | {_fmt(g['read_recall'])} "
-            f"| {_fmt(g10['precision'])} |"
+            f"| {_fmt(g10['precision'])} | {s_read} / {s_template} |"
         )
     print()
     print("Negative controls (trained model, sampled T=1, image_view=remove, a broken image-free pass):")
     print()
-    print("| image-free pass | T_p precision | x chance | read digits in T_p |")
-    print("| --- | --- | --- | --- |")
-    m = runs["trained", "sampled T=1", "remove"]
-    g = m.grounding()
-    print(f"| real | {_fmt(g['precision'])} | {_fmt(g['lift'])} | {_fmt(g['read_recall'])} |")
-    for control in CONTROLS:
-        c = measure_tor(trained, processor, problems, sampled["trained"], base, control=control)
+    print("| image-free pass | T_p precision | x chance | read digits in T_p | median S_t of template tokens (nats) |")
+    print("| --- | --- | --- | --- | --- |")
+    controls = [("real", None, 1.0), ("image kept", "image_kept", 1.0), ("shifted by one token", "shifted", 1.0)]
+    controls += [(f"scored at T={t:g} (old pass: T=1)", "wrong_temperature", t) for t in (0.5, 0.8, 2.0)]
+    for label, control, temperature in controls:
+        c = measure_tor(trained, processor, problems, sampled["trained"], base, control, temperature)
         g = c.grounding()
-        label = {"wrong_temperature": "scored at T=0.5 (old pass T=1.0)"}.get(control, control.replace("_", " "))
-        print(f"| {label} | {_fmt(g['precision'])} | {_fmt(g['lift'])} | {_fmt(g['read_recall'])} |")
+        zero_point = float(c.sensitivity[c.mask_of("template")].median())
+        print(f"| {label} | {_fmt(g['precision'])} | {_fmt(g['lift'])} | {_fmt(g['read_recall'])} | {zero_point:.4f} |")
     print()
     print("Where T_r and T_p fall (image_view=remove): share of each token kind")
     print()
@@ -128,22 +135,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {m.share(m.perception, mask):.3f} |"
             )
     print()
-    print("Overlap and entropy (image_view=remove):")
+    print("Overlap and entropy (image_view=remove; random sets would give 0.090 of N and 0.300 of T_r):")
     print()
     print(
         "| model | responses | abs(T_r ∩ T_p) / N | abs(T_r ∩ T_p) / abs(T_r) | T_r agreement, full vs top-p entropy "
-        "| tokens with top-p entropy 0 |"
+        "| tokens with top-p entropy ≈ 0 | of those > 0: in full-entropy T_r |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for (name, responses_name, view), m in runs.items():
         if view != "remove":
             continue
         both = m.reasoning & m.perception
         agree = m.share(m.reasoning_top_p, m.reasoning)
-        zeros = m.share(m.entropy_top_p == 0)
+        # a single kept token's top-p entropy rounds to ~1e-8, not 0 (verl_tor.ops): count those as zero
+        nonzero = m.entropy_top_p > 1e-6
         print(
             f"| {name} | {responses_name} | {m.share(both):.3f} | {m.share(both, m.reasoning):.3f} | {agree:.3f} "
-            f"| {zeros:.3f} |"
+            f"| {m.share(~nonzero):.3f} | {m.share(m.reasoning, nonzero):.3f} |"
         )
     print()
     print(f"# {time.perf_counter() - t0:.1f} s")

@@ -17,14 +17,12 @@ def parquet(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def figure_processor(tmp_path_factory):
+def figure_processor():
     from verl.utils import hf_processor
 
-    from verl_tor.figures.model import build_figure_processor, build_figure_reader_config
+    from verl_tor.figures import FIGURE_READER_CHECKPOINT
 
-    path = str(tmp_path_factory.mktemp("figure_processor"))
-    build_figure_reader_config(build_figure_processor(save_dir=path)).save_pretrained(path)
-    return hf_processor(path)  # verl's loader, get_rope_index bound
+    return hf_processor(FIGURE_READER_CHECKPOINT)  # verl's loader, get_rope_index bound
 
 
 def test_schema_and_ground_truth(parquet):

@@ -201,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=4, help="samples per problem at --temperature")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: as fast for a 1M model, robust to load)"
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     model, processor = load_figure_reader(args.checkpoint)

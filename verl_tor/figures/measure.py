@@ -59,7 +59,8 @@ def label_tokens(tokenizer: Any, response_ids: torch.Tensor) -> tuple[list[str],
         if bounds[-1] != len(text) or end < start:  # a byte piece of a character: no reliable span
             kinds.append("unparsed")
             continue
-        span = [k for k in char_kinds[start:end] if k != "template"]
+        chars = char_kinds[start:end] or char_kinds[max(0, start - 1) : start] or ["unparsed"]  # empty: neighbour
+        span = [k for k in chars if k != "template"]
         kinds.append(span[0] if span else "template")
     return kinds, parsed
 
