@@ -74,9 +74,10 @@ def test_shipped_checkpoint_is_package_data():
     assert {"config.json", "model.safetensors", "tokenizer.json", "training.json"} <= set(files)
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    patterns = cfg["options.package_data"]["verl_tor"].split()
-    rel = os.path.relpath(FIGURE_READER_CHECKPOINT, ROOT / "verl_tor")
-    assert all(any(fnmatch.fnmatch(f"{rel}/{f}", p) for p in patterns) for f in files)
+    assert cfg["options"]["packages"].strip() == "find_namespace:"  # a data folder without __init__.py is a package
+    package = os.path.relpath(FIGURE_READER_CHECKPOINT, ROOT).replace(os.sep, ".")
+    patterns = cfg["options.package_data"][package].split()
+    assert all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in files)
     assert "recursive-include verl_tor/assets *" in (ROOT / "MANIFEST.in").read_text()
     size = sum(os.path.getsize(os.path.join(FIGURE_READER_CHECKPOINT, f)) for f in files)
     assert size < 8 * 2**20, f"the shipped checkpoint is {size / 2**20:.1f} MB"
