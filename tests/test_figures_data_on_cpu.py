@@ -70,3 +70,34 @@ def test_verl_reward_path_grades_the_task(parquet):
     assert default_compute_score(DATA_SOURCE, target, "42") == pytest.approx(1.0)
     assert default_compute_score(DATA_SOURCE, target.replace("42", "48"), "42") == pytest.approx(0.1)  # format only
     assert default_compute_score(DATA_SOURCE, "42", "42") == pytest.approx(0.0)  # no \boxed{}: neither
+
+
+def test_public_api_resolves_and_imports_without_torch():
+    import subprocess
+    import sys
+
+    import verl_tor.figures as figures
+
+    for name in figures.__all__:
+        assert getattr(figures, name) is not None, name
+    code = "import sys, verl_tor.figures; print(sorted({'torch', 'verl', 'PIL'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_evaluate_val_on_the_parquet(parquet):
+    import torch
+
+    from verl_tor.figures import evaluate_val, load_figure_reader
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, processor = load_figure_reader()
+        result = evaluate_val(model, processor, parquet["val"], temperature=1.0, n=2, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["greedy"]["responses"] == 3 and result["sampled"]["responses"] == 6
+    for r in result.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["format"] > 0.5
+        assert r["score"] == pytest.approx(0.9 * r["accuracy"] + 0.1 * r["format"])

@@ -36,6 +36,7 @@ _LAZY = {
     "write_figure_parquet": "verl_tor.figures.data",
     "sample_responses": "verl_tor.figures.evaluate",
     "evaluate_figure_reader": "verl_tor.figures.evaluate",
+    "evaluate_val": "verl_tor.figures.evaluate",
     "load_parquet_problems": "verl_tor.figures.evaluate",
     "CONTROLS": "verl_tor.figures.measure",
     "measure_tor": "verl_tor.figures.measure",

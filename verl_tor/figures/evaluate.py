@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,16 @@ import torch
 
 from verl_tor.figures.task import DATA_SOURCE, Problem, build_messages, label_response, make_problem, split_seeds
 
-__all__ = ["IMAGE_VIEWS", "encode_prompts", "sample_responses", "score_response", "evaluate_figure_reader", "main"]
+__all__ = [
+    "IMAGE_VIEWS",
+    "encode_prompts",
+    "sample_responses",
+    "score_response",
+    "evaluate_figure_reader",
+    "evaluate_val",
+    "load_parquet_problems",
+    "main",
+]
 
 IMAGE_VIEWS = ("image", "blank", "none")
 
@@ -159,12 +169,35 @@ def evaluate_figure_reader(
             kinds, parsed = label_response(text)
             if parsed:
                 formatted += 1
-                read = "".join(c for c, k in zip(text, kinds) if k == "read")
-                sides_right += read == f"{problem.width}{problem.height}"
+                read = re.findall(r"\d+", "".join(c if k == "read" else " " for c, k in zip(text, kinds)))
+                sides_right += read == [str(problem.width), str(problem.height)]
     result = {key: value / count for key, value in totals.items()}
     result["sides_read"] = sides_right / formatted if formatted else 0.0
     result["responses"] = float(count)
     return result
+
+
+def evaluate_val(
+    model: Any,
+    processor: Any,
+    problems: Sequence[Any] | str,
+    temperature: float = 1.0,
+    n: int = 4,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Greedy and sampled accuracy on a val set, for scripts (e.g. before/after RL).
+
+    Args:
+        problems: ``Problem``s, or the path of a val parquet written by ``write_figure_parquet``.
+    Returns:
+        ``{"greedy": evaluate_figure_reader(T=0), "sampled": evaluate_figure_reader(T=temperature, n)}``.
+    """
+    if isinstance(problems, str):
+        problems = load_parquet_problems(problems)
+    return {
+        "greedy": evaluate_figure_reader(model, processor, problems, 0.0, 1, seed),
+        "sampled": evaluate_figure_reader(model, processor, problems, temperature, n, seed),
+    }
 
 
 def load_parquet_problems(path: str, limit: int | None = None) -> list[Problem]:

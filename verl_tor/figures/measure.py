@@ -49,8 +49,11 @@ def label_tokens(tokenizer: Any, response_ids: torch.Tensor) -> tuple[list[str],
     the first deviation from the format is ``unparsed``). With the figure reader's tokenizer every digit is its own
     token, so digit kinds never share a token.
     """
+
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
     ids = [int(t) for t in response_ids]
-    decode = lambda part: tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
     text = decode(ids)
     char_kinds, parsed = label_response(text, tokenizer.eos_token)
     bounds = [len(decode(ids[:i])) for i in range(len(ids) + 1)]
@@ -75,7 +78,10 @@ def reference_responses(tokenizer: Any, problems: Sequence[Any]) -> list[list[to
 
 
 class ControlScorer:
-    """A scorer whose image-free pass is deliberately broken (``CONTROLS``); the old-policy pass is untouched."""
+    """A scorer whose image-free pass is deliberately broken (``CONTROLS``); the old-policy pass is untouched.
+
+    Wraps a ``verl_tor.testing`` scorer as ``verl_tor.demo.run_tor`` uses it (trajectories in the ``train``
+    partition of its store, the image-free rows in ``verl_tor.stage.VIEW_PARTITION``)."""
 
     def __init__(self, inner: Any, control: str, wrong_temperature: float = 0.5):
         if control not in CONTROLS:
