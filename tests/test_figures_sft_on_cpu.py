@@ -97,3 +97,20 @@ def test_shipped_checkpoint_reads_the_figure(reader):
     assert with_image["sides_read"] >= 0.6 and with_image["accuracy"] >= 0.5, with_image
     assert removed["accuracy"] <= 0.1 and blank["accuracy"] <= 0.1, (removed, blank)
     assert with_image["format"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"sft_steps": -1}, "sft_steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"blind_frac": 1.5}, "blind_frac"),
+        ({"aux_weight": -0.1}, "aux_weight"),
+        ({"batch_size": 4, "text_only_frac": 0.5, "blind_frac": 0.5}, "batch_size"),
+    ],
+)
+def test_sft_config_errors_name_the_field(overrides, field):
+    from verl_tor.figures.sft import SFTConfig
+
+    with pytest.raises(ValueError, match=rf"SFTConfig\.{field}=.*Fix: "):
+        SFTConfig(**overrides)

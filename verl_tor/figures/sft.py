@@ -1,11 +1,12 @@
 """Teach the tiny Qwen2.5-VL to read its figure: deterministic two-stage SFT on CPU (design.md's measured recipe).
 
 1. **Vision stage**: the vision tower alone, with a linear head on each merged image token (one per 28-px cell)
-   that classifies "no digit" / 1-9, read through a forward hook on ``model.model.visual``. Plain SFT alone
-   plateaus at "ignore the image" (side digits at entropy ln 9); this stage is what makes the model read.
+   that classifies "no digit" / 1-9. Plain SFT alone plateaus at "ignore the image" (side digits at entropy ln 9,
+   design.md); this stage is what makes the model read.
 2. **Full SFT** of the whole model on the target responses, the cell loss kept as an auxiliary loss (weight
-   ``aux_weight``), ``text_only_frac`` of each batch text-only (the sides given in the question, no vision tokens)
-   and ``blind_frac`` the figure's question without the figure (random sides), so that ToR's image-free view (the
+   ``aux_weight``; the head reads the image tokens through a forward hook on ``model.model.visual``),
+   ``text_only_frac`` of each batch text-only (the sides given in the question, no vision tokens) and
+   ``blind_frac`` the figure's question without the figure (random sides), so that ToR's image-free view (the
    prompt with its vision tokens deleted) is in distribution. The budget is in steps, not seconds, and the learning
    rate stays constant after the warm-up: a decaying tail sharpens the model a lot (design.md), and RL needs a model
    that solves the task only partly at T=1.
@@ -89,6 +90,29 @@ class SFTConfig:
     """torch CPU threads. Results are bit-identical for a fixed thread count, torch build and CPU kernel set; 1
     (default) loses little on 2 cores at these sizes, and much less than 2 threads do on a machine shared with other
     jobs."""
+
+    def __post_init__(self) -> None:
+        def fail(name: str, rule: str, fix: str) -> None:
+            raise ValueError(f"SFTConfig.{name}={getattr(self, name)!r}: {rule}. Fix: {fix}.")
+
+        for name in ("vision_steps", "sft_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0", "give a number of steps (0 skips)")
+        for name in ("batch_size", "pool_size", "threads"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1", "give a positive count")
+        for name in ("text_only_frac", "blind_frac", "final_lr_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                fail(name, "must be in [0, 1]", "give a fraction")
+        if self.aux_weight < 0:
+            fail("aux_weight", "must be >= 0", "0 turns the auxiliary cell loss off")
+        n_text, n_blind = round(self.batch_size * self.text_only_frac), round(self.batch_size * self.blind_frac)
+        if self.batch_size - n_text - n_blind < 1:
+            fail(
+                "batch_size",
+                f"with text_only_frac={self.text_only_frac} and blind_frac={self.blind_frac} no row has an image",
+                "lower the two fractions (their sum must stay below 1) or raise batch_size",
+            )
 
 
 @dataclass
