@@ -2,7 +2,9 @@
 # Shared body of every Geometry3K recipe: baseline and ToR scripts differ only in the flags they pass to
 # run_recipe (the trainer mode and tor.*). Sourced by the per-model scripts; every setting is a variable with a
 # default, overridable from the environment, and any extra hydra override can follow the script ("$@").
-# Set VERL_TOR_DRY_RUN=1 to print the command (one argument per line) instead of launching it.
+# Set VERL_TOR_DRY_RUN=1 to print the command (one argument per line) instead of launching it, and to compose and
+# validate its config (hydra + verl's validate_config + the tor block; a misspelt +tor.* key fails);
+# VERL_TOR_DRY_RUN=print only prints.
 
 RECIPES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -34,6 +36,10 @@ PROJECT_NAME=${PROJECT_NAME:-verl_tor_geo3k}
 LOGGER=${LOGGER:-'["console","wandb"]'}          # '["console"]' without a wandb login
 SAVE_FREQ=${SAVE_FREQ:-20}
 TEST_FREQ=${TEST_FREQ:-5}
+# ---- model family ------------------------------------------------------------------------------------------------
+# Vision patch size given to verl's data pipeline (qwen-vl-utils resizes images to multiples of 2 x this before the
+# processor sees them). Empty: verl's own default, data.image_patch_size=14 (Qwen2-VL / Qwen2.5-VL); Qwen3-VL: 16.
+IMAGE_PATCH_SIZE=${IMAGE_PATCH_SIZE:-}
 
 # run_recipe ALGO EXPERIMENT [overrides...]: ALGO is grpo or dapo; the rest are hydra overrides (ToR flags, "$@").
 run_recipe() {
@@ -114,9 +120,17 @@ run_recipe() {
       return 2
       ;;
   esac
+  if [[ -n "$IMAGE_PATCH_SIZE" ]]; then
+    args+=(data.image_patch_size="$IMAGE_PATCH_SIZE")
+  fi
   args+=("$@")
-  if [[ "${VERL_TOR_DRY_RUN:-0}" == "1" ]]; then
+  if [[ "${VERL_TOR_DRY_RUN:-0}" != "0" ]]; then
     printf '%s\n' "${args[@]}"
+    # 1: also compose the config with hydra and validate it as main_ppo would (verl's validate_config + tor.*),
+    # with the python that would run it; print: the command only
+    if [[ "${VERL_TOR_DRY_RUN}" != "print" ]]; then
+      "${args[0]}" -m verl_tor.cli check-config -- "${args[@]:3}" || return 2
+    fi
     return 0
   fi
   "${args[@]}"

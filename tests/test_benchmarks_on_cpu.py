@@ -19,14 +19,31 @@ TOY = {
     "bench_stage.py": ["--sizes", "tiny", "--rollouts", "4", "--response-length", "16", "--repeats", "1"],
     "bench_driver.py": ["--rows", "2", "--response-length", "32", "--image-size", "112", "--repeats", "1"],
     "bench_grounding.py": ["--problems", "4", "--n", "2"],
+    "bench_informative.py": [
+        "--prompts",
+        "2",
+        "--n",
+        "2",
+        "--response-length",
+        "8",
+        "--image-size",
+        "112",
+        "--repeats",
+        "1",
+    ],
+    "bench_loop.py": ["--steps", "2"],  # two main_ppo runs
 }
+LOOP = {"bench_loop.py"}
+"""Benchmarks that run verl's real trainer (marked ``loop``)."""
 
 
 def test_every_benchmark_is_covered():
     assert sorted(TOY) == sorted(p.name for p in (ROOT / "benchmarks").glob("bench_*.py"))
 
 
-@pytest.mark.parametrize("script", sorted(TOY))
+@pytest.mark.parametrize(
+    "script", [pytest.param(name, marks=pytest.mark.loop) if name in LOOP else name for name in sorted(TOY)]
+)
 def test_benchmark_runs_and_prints_a_table(script):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *TOY[script]],

@@ -62,6 +62,13 @@ def test_import_without_torch():
         ({"reasoning_ratio": 0, "perception_ratio": 0}, "tor.mode='tor'", "every token gets weight 0"),
         ({"mode": "reasoning_only", "reasoning_weight": 0}, "tor.mode='reasoning_only'", "reasoning_weight > 0"),
         ({"reasonig_ratio": 0.2}, "tor.reasonig_ratio", "did you mean tor.reasoning_ratio"),
+        # finite in float64 but not in the float32 tensors ToR computes with
+        ({"reasoning_weight": 1e39}, "tor.reasoning_weight=1e+39", "float32"),
+        ({"perception_weight": 1e-46}, "tor.perception_weight=1e-46", "float32"),
+        ({"entropy_top_p": 1e-300}, "tor.entropy_top_p=1e-300", "float32"),
+        ({"noise_std": 1e-40}, "tor.noise_std=1e-40", "float32"),
+        ({"seed": 2**64}, "tor.seed=18446744073709551616", "< 9223372036854775808"),
+        ({"rank_tokens": "nonzero"}, "tor.rank_tokens='nonzero'", "all, informative"),
     ],
 )
 def test_errors_name_field_value_and_fix(block, field, fix):
@@ -81,6 +88,23 @@ def test_from_omegaconf_block_and_int_coercion():
         ToRConfig.from_mapping([1, 2])
 
 
+def test_numpy_numbers_are_accepted_as_the_numbers_they_print_as():
+    import numpy as np
+
+    cfg = ToRConfig(
+        reasoning_ratio=np.float32(0.3),
+        perception_ratio=np.float64(0.3),
+        perception_weight=np.float16(0.5),
+        seed=np.int64(7),
+        log_token_maps=np.int32(2),
+    )
+    assert cfg.reasoning_ratio == 0.3 and type(cfg.reasoning_ratio) is float  # not 0.30000001192092896
+    assert cfg.perception_ratio == 0.3 and cfg.perception_weight == 0.5
+    assert cfg.seed == 7 and type(cfg.seed) is int and cfg.log_token_maps == 2
+    largest = ToRConfig(reasoning_weight=3e38, seed=2**63 - 1)  # the edges float32 / int64 still hold
+    assert largest.reasoning_weight == 3e38 and largest.seed == 2**63 - 1
+
+
 def test_frozen_and_replace_validates():
     cfg = ToRConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -94,6 +118,8 @@ def test_needs_image_free_pass():
     assert not ToRConfig(mode="reasoning_only").needs_image_free_pass
     assert not ToRConfig(mode="all_tokens").needs_image_free_pass
     assert ToRConfig(mode="random").needs_image_free_pass
+    assert not ToRConfig(perception_weight=0.0).needs_image_free_pass  # T_p \\ T_r would get weight 0
+    assert ToRConfig(mode="random", perception_weight=0.0).needs_image_free_pass
     assert ToRConfig(sensitivity="entropy_diff").needs_image_free_entropy
     assert not ToRConfig().needs_image_free_entropy
 

@@ -90,3 +90,61 @@ def test_verl_geo3k_scorer_rewards_the_format(geo3k):
     good = "<think> x is 11 </think> The answer is \\boxed{11}"
     assert default_compute_score(geo3k.DATA_SOURCE, good, "11") == pytest.approx(1.0)
     assert default_compute_score(geo3k.DATA_SOURCE, "\\boxed{12}", "11") == pytest.approx(0.0)
+
+
+def raw_dataset(images, problems, answers):
+    import datasets
+
+    features = datasets.Features(
+        {
+            "images": datasets.Sequence(datasets.Image()),
+            "problem": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+        }
+    )
+    return datasets.Dataset.from_dict({"images": images, "problem": problems, "answer": answers}, features=features)
+
+
+def test_rows_that_would_train_on_something_wrong_are_skipped_and_counted(tmp_path, geo3k, geometry_images, capsys):
+    import datasets
+
+    a, b = geometry_images[:2]
+    rows = [
+        ([a], "Find x.", "10"),  # good: <image> is prepended
+        ([a], "<image>Find y.", "11"),  # good: placeholder already there
+        ([a], "Find z.", ""),  # empty answer: verl's scorer would reward an empty \boxed{}
+        ([a], "Find w.", None),  # no answer
+        ([], "What is 2+2?", "4"),  # no image: must not get an <image> placeholder
+        ([a, b], "<image>Compare.", "3"),  # 2 images, 1 placeholder
+        ([a], "<image><image>Twice.", "5"),  # 1 image, 2 placeholders
+        ([a, b], "<image> and <image>: both.", "6"),  # good: 2 and 2
+    ]
+    split = raw_dataset(*map(list, zip(*rows)))
+    raw = tmp_path / "raw"
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(raw))
+    out = tmp_path / "out"
+    geo3k.main(["--local_dataset_path", str(raw), "--local_save_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert (
+        "train: skipped 5 of 8 rows (1 image(s) for 2 <image> placeholder(s): 1, 2 image(s) for 1 <image> "
+        "placeholder(s): 1, empty or missing answer: 2, no image: 1)" in printed
+    )
+    frame = pd.read_parquet(out / "train.parquet")
+    assert list(frame["reward_model"].map(lambda r: r["ground_truth"])) == ["10", "11", "6"]
+    for prompt, images in zip(frame["prompt"], frame["images"]):
+        assert prompt[0]["content"].count("<image>") == len(images)
+
+
+def test_shards_are_read_once(tmp_path, geo3k, geometry_images):
+    shard = raw_dataset([[geometry_images[0]]], ["<image>Find x."], ["1"])
+    hub = tmp_path / "hub"
+    for split in ("train", "test"):
+        (hub / "data").mkdir(parents=True, exist_ok=True)
+        shard.to_parquet(str(hub / "data" / f"{split}-00000-of-00001.parquet"))
+    # a second copy further down (an old download, a cache) used to be read too by the recursive search
+    (hub / "old" / "copy").mkdir(parents=True)
+    shard.to_parquet(str(hub / "old" / "copy" / "train-00000-of-00001.parquet"))
+    assert len(geo3k.load_splits(str(hub))["train"]) == 1
+    shard.to_parquet(str(hub / "train-00000-of-00001.parquet"))  # the same shards at the top as well
+    with pytest.raises(SystemExit, match="both in it and in its data/ folder"):
+        geo3k.load_splits(str(hub))

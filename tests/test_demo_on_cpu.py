@@ -39,15 +39,61 @@ result = run_demo(cfg, out_dir=sys.argv[1], n_prompts=2, n=2, max_new_tokens=8, 
 print(json.dumps(dataclasses.asdict(result)))
 """
 
+# Several demos in one process: with tor.entropy=top_p the demo scores with the model's own forward, so verl's
+# process-wide model patch (which the engine forward needs, and which breaks a later `generate`) is never applied.
+DEMO_VARIANTS = """
+import dataclasses, json, os, sys
+from verl_tor.config import ToRConfig
+from verl_tor.demo import run_demo
+results = {}
+for name, cfg in (
+    ("advantage", ToRConfig(enable=True, entropy="top_p")),
+    ("loss", ToRConfig(enable=True, entropy="top_p", apply="loss")),
+    ("off", ToRConfig(enable=False, entropy="top_p")),
+):
+    result = run_demo(cfg, out_dir=os.path.join(sys.argv[1], name), n_prompts=2, n=2, max_new_tokens=8, progress=False)
+    results[name] = dataclasses.asdict(result)
+print(json.dumps(results))
+"""
+
+
+def run_python(code: str, out) -> list:
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=600, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo in a process of its own, like the README command (it applies verl's process-wide model patch)."""
-    out = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run([sys.executable, "-c", DEMO, str(out)], capture_output=True, text=True, timeout=600, cwd=out)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = SimpleNamespace(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    result = SimpleNamespace(**run_python(DEMO, tmp_path_factory.mktemp("demo")))
     return result, ToRConfig(enable=True, log_token_maps_rollouts=2)
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """``tor.apply`` advantage and loss, and ``tor.enable=false``, on the same model and rollouts."""
+    results = run_python(DEMO_VARIANTS, tmp_path_factory.mktemp("demo_variants"))
+    return {name: SimpleNamespace(**r) for name, r in results.items()}
+
+
+def test_demo_apply_loss_applies_the_weights_through_the_trainers_loss_wrapper(demo_runs):
+    """`tor.apply=loss` used to print stock GRPO as ToR-GRPO. For verl's vanilla clipped loss, folding w_t into
+    rollout_is_weights (apply=loss) and scaling the advantages (apply=advantage) give the same loss and gradient."""
+    main, loss = demo_runs["advantage"], demo_runs["loss"]
+    stock, tor = loss.losses["stock GRPO"], loss.losses["ToR-GRPO (tor)"]
+    assert tor[1] != pytest.approx(stock[1], rel=1e-3)  # the gradient changed
+    assert tor == pytest.approx(main.losses["ToR-GRPO (tor)"], rel=1e-4, abs=1e-6)
+    assert stock == pytest.approx(main.losses["stock GRPO"], rel=1e-6)
+
+
+def test_demo_with_tor_disabled_runs_stock_grpo_only(demo_runs):
+    off, main = demo_runs["off"], demo_runs["advantage"]
+    assert off.metrics == {} and off.html_path == ""
+    assert set(off.losses) == {"stock GRPO"}
+    assert off.losses["stock GRPO"] == pytest.approx(main.losses["stock GRPO"], rel=1e-6)
+    assert off.scorer == "LocalLogProbScorer: train (4 rows)"  # no image-free pass
+    assert main.scorer == "LocalLogProbScorer: train (4 rows), tor_noimg (4 rows)"
 
 
 def classes_from_html(path: str) -> TokenSpans:

@@ -89,7 +89,11 @@ STAGE = SETUP + textwrap.dedent(
     from verl_tor.ops import compute_tor_weights
     cfg = ToRConfig(enable=True, apply="loss", scope="group")
     index = np.array([r["uid"] for r in rows], dtype=object)
-    want, _ = compute_tor_weights(ent, (old - noimg).abs() * mask, mask, cfg, index=index, step=5)
+    # a text-only prompt has no S_t: its tokens take no part in the ranking of T_p
+    has_image = torch.tensor([img is not None for _, img, _ in plan])[:, None] & mask.bool()
+    want, _ = compute_tor_weights(
+        ent, (old - noimg).abs() * mask, mask, cfg, index=index, step=5, sensitivity_mask=has_image
+    )
 
     from verl_tor.testing import setup_cpu_engine
     store = InMemoryKV()

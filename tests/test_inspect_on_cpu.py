@@ -111,3 +111,45 @@ def test_scorer_policy_ref_is_refused_where_there_is_no_reference_model(command,
     err = capsys.readouterr().err
     assert "tor.scorer_policy='ref'" in err and f"verl-tor {command}" in err and "Fix:" in err
     assert not list(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"index": 0, "response": "a"}', "", '{"index": 1, "response": "b"'], "line 3: not JSON"),
+        (['{"index": 0, "response": "a"}', '["index", 1]'], "line 2: expected a JSON object"),
+        (['{"index": 0}'], "line 1: missing key 'response'"),
+        (['{"response": "a"}'], "line 1: missing key 'index'"),
+        (['{"index": 0.5, "response": "a"}'], "line 1: index 0.5 is not an integer"),
+        (['{"index": true, "response": "a"}'], "line 1: index True is not an integer"),
+        (['{"index": 2, "response": "a"}'], "line 1: index 2 is outside the 2 rows"),
+        (['{"index": 0, "response": ""}'], "line 1: the response is empty"),
+        (['{"index": 0, "response": "   "}'], "line 1: the response is empty"),
+        (['{"index": 0, "response": "see <|image_pad|> here"}'], "line 1: the response contains vision tokens"),
+        (['{"index": 0, "response": "a"}'], "no response for rows [1]"),
+    ],
+)
+def test_responses_file_problems_name_the_line_and_the_fix(tiny_processor, tmp_path, lines, message):
+    from verl_tor.inspection import read_responses
+
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(InspectError, match="Fix:") as err:
+        read_responses(str(path), tiny_processor, 2)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_valid_responses_file_is_read_whole(tiny_processor, tmp_path):
+    from verl_tor.inspection import read_responses
+
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"index": 1, "response": "It is 5."}\n\n{"index": 0, "response": "x = 12"}\n', encoding="utf-8")
+    got = read_responses(str(path), tiny_processor, 2)
+    decode = tiny_processor.tokenizer.decode
+    assert [[decode(r) for r in rs] for rs in got] == [["x = 12"], ["It is 5."]]
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.0])
+def test_limit_must_be_a_positive_integer(parquet, limit):
+    with pytest.raises(InspectError, match="--limit"):
+        load_items(parquet, limit)

@@ -142,6 +142,33 @@ def test_ratio_one_weights_every_valid_token_and_ratio_zero_needs_no_scores():
     assert metrics[M.PERCEPTION_FRAC] == 0.0 and metrics[M.SENSITIVITY_THRESHOLD] == 0.0
 
 
+def test_tokens_without_a_sensitivity_are_never_perception_tokens():
+    """Row 1 is a text-only prompt (no S_t: sensitivity_mask False). Batch scope: T_p = ceil(0.3 * 5) = 2 of row 0's
+    5 tokens, .90 (0,2) and .85 (0,1), even though row 1 holds .80; T_r still ranks all 9: (0,1) (0,3) (1,0)."""
+    has_image = torch.tensor([[True] * 6, [False] * 6])
+    weights, metrics = compute_tor_weights(ENTROPY, SENSITIVITY, MASK, TOR, sensitivity_mask=has_image)
+    assert torch.equal(weights, torch.tensor([[0.0, 1.0, 0.5, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]]))
+    assert metrics[M.PERCEPTION_FRAC] == pytest.approx(2 / 9) and metrics[M.REASONING_FRAC] == pytest.approx(3 / 9)
+    assert metrics[M.SENSITIVITY_MEAN_REST] == pytest.approx((0.5 + 0.2 + 0.05) / 3)  # over row 0's other tokens
+    # sequence and group scopes: the text-only row's scope selects no perception token at all (not a random draw
+    # among its tied zeros); row 0 keeps ceil(0.3 * 5) = 2
+    zeros = torch.where(has_image, SENSITIVITY, 0.0)
+    for scope, index in (("sequence", None), ("group", ["a", "b"])):
+        cfg = TOR.replace(scope=scope, mode="perception_only")
+        weights, _ = compute_tor_weights(ENTROPY, zeros, MASK, cfg, index=index, sensitivity_mask=has_image)
+        assert (weights[1] == 0).all() and int((weights[0] > 0).sum()) == 2, scope
+
+
+def test_perception_weight_zero_skips_perception_tokens():
+    """mode=tor with γ_p = 0: T_p \\ T_r would get weight 0, so T_p is not ranked and needs no sensitivity."""
+    cfg = TOR.replace(perception_weight=0.0)
+    assert not cfg.needs_image_free_pass
+    weights, metrics = weights_of(cfg, sensitivity=None)
+    assert torch.equal(weights, weights_of(TOR.replace(mode="reasoning_only"))[0])
+    assert M.PERCEPTION_FRAC not in metrics and M.OVERLAP_FRAC not in metrics
+    assert metrics[M.REASONING_FRAC] == pytest.approx(3 / 9) and metrics[M.SELECTED_FRAC] == pytest.approx(3 / 9)
+
+
 def test_all_masked_row_and_all_masked_batch():
     mask = MASK.clone()
     mask[1] = 0

@@ -46,9 +46,10 @@ def test_bare_import_verl_registers_everything():
     code = (
         "import sys, verl\n"
         "assert 'verl_tor.plugin' in sys.modules, 'plugin not loaded by import verl'\n"
-        "from verl.trainer.ppo.v1 import get_trainer_cls, PPOTrainerSync\n"
+        "from verl.trainer.ppo.v1 import get_trainer_cls, PPOTrainerSync, PPOTrainerColocateAsync\n"
         "cls = get_trainer_cls('tor_sync')\n"
         "assert issubclass(cls, PPOTrainerSync), cls\n"
+        "assert issubclass(get_trainer_cls('tor_colocate_async'), PPOTrainerColocateAsync)\n"
         "import verl.utils.config as c; assert c.validate_config.__verl_tor__\n"
         "import verl.workers.engine.fsdp.transformer_impl as e\n"
         "assert e.FSDPEngineWithLMHead.prepare_model_outputs.__verl_tor__\n"
@@ -86,12 +87,43 @@ def test_plugin_import_error_is_a_warning_not_silence(tmp_path):
 
 
 def test_version_check_names_range(monkeypatch):
+    import re
+
+    import verl
+
     import verl_tor.plugin as plugin
+    from verl_tor import SUPPORTED_VERL
 
     assert plugin.check_verl_version() is None  # the pinned verl is installed here
-    monkeypatch.setattr(plugin, "_VERSION_ERROR", "verl 0.10.0 is outside verl_tor's supported range")
-    with pytest.raises(RuntimeError, match="supported range.*Fix: pip install 'verl>=0.9.1,<0.9.2'"):
+    monkeypatch.setattr(verl, "__version__", "0.11.0")
+    reason = plugin.check_verl_version()
+    assert reason == f"verl 0.11.0 is outside verl_tor's supported range verl{SUPPORTED_VERL}"
+    monkeypatch.setattr(plugin, "_VERSION_ERROR", reason)
+    with pytest.raises(RuntimeError, match=re.escape(f"Fix: pip install 'verl{SUPPORTED_VERL}'")):
         plugin.assert_ready()
+
+
+@pytest.mark.parametrize(
+    ("version", "supported"),
+    [
+        ("0.9.1", True),  # the pinned release
+        ("0.10.0.dev", True),  # verl's main branch (verl/version/version), i.e. 0.10.0.dev0
+        ("0.10.0.dev0", True),
+        ("0.9.0", False),
+        ("0.11.0.dev0", False),  # the next minor's dev builds were never checked
+        ("0.11.0", False),
+    ],
+)
+def test_supported_range_admits_the_main_branch_pre_release(monkeypatch, version, supported):
+    """The version check reads the verl this process imports (``verl.__version__``, right for a source checkout on
+    PYTHONPATH too) and admits main's pre-release, which a plain ``<0.11`` bound would skip."""
+    import verl
+
+    import verl_tor.plugin as plugin
+
+    monkeypatch.setattr(verl, "__version__", version)
+    assert plugin.verl_version() == version
+    assert (plugin.check_verl_version() is None) is supported
 
 
 def compose(*overrides: str, config_name: str = "tor_trainer"):
@@ -153,6 +185,21 @@ def test_one_flag_on_stock_ppo_trainer_validates():
             r"use_fused_kernels=false",
         ),
         (["tor.enable=true", "tor.scorer_policy=ref"], r"no reference policy.*Fix: set tor\.scorer_policy=old"),
+        (
+            ["tor.enable=true", "trainer.v1.trainer_mode=colocate_async"],
+            r"trainer_mode='colocate_async'.*Fix: set trainer\.v1\.trainer_mode=tor_colocate_async",
+        ),
+        (
+            ["tor.enable=true", "trainer.v1.trainer_mode=separate_async"],
+            r"trainer_mode='separate_async'.*swapping the π_old weights in and out inside "
+            r"PPOTrainerSeparateAsync\._compute_old_log_prob.*current weights.*scoring and selection.*"
+            r"Fix: use trainer\.v1\.trainer_mode=tor_colocate_async",
+        ),
+        (
+            ["tor.enable=true", "algorithm.rollout_correction.bypass_mode=true"],
+            r"bypass_mode=true: verl then skips the old-policy pass.*Fix",
+        ),
+        (["tor.enable=true", "algorithm.adv_estimator=remax"], r"adv_estimator='remax'.*reward_baselines.*Fix"),
         (["+tor.reasoning_ratoi=0.2"], r"tor\.reasoning_ratoi: unknown field.*tor\.reasoning_ratio"),
     ],
 )
@@ -166,6 +213,25 @@ def test_bad_tor_values_fail_verl_validation_with_named_field(overrides, message
 
 def test_tor_disabled_validates_with_any_trainer_mode():
     validate(compose("trainer.v1.trainer_mode=sync"))
+
+
+def test_tor_colocate_async_validates_through_verl():
+    cfg = compose("tor.enable=true", "trainer.v1.trainer_mode=tor_colocate_async")
+    validate(cfg)
+    assert cfg.trainer.v1.trainer_mode == "tor_colocate_async"
+
+
+def test_gae_is_refused_unless_opted_in():
+    """Checked with ToR's own validation: verl's would first want a critic model path for gae."""
+    from verl_tor.config import ToRConfigError
+    from verl_tor.trainer import validate_tor_config
+
+    cfg = compose("tor.enable=true", "algorithm.adv_estimator=gae")
+    with pytest.raises(ToRConfigError, match=r"adv_estimator='gae'.*critic still trains.*Fix: .*tor\.allow_gae=true"):
+        validate_tor_config(cfg, use_reference_policy=True)
+    assert validate_tor_config(
+        compose("tor.enable=true", "algorithm.adv_estimator=gae", "tor.allow_gae=true")
+    ).allow_gae
 
 
 def test_top_p_entropy_is_refused_off_the_fsdp_engine():

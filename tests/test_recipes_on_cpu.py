@@ -12,7 +12,13 @@ import pytest
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "recipes").glob("qwen2_5_vl_*_geo3k/*.sh"))
+MODELS = {
+    "qwen2_5_vl_7b_geo3k": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2_5_vl_3b_geo3k": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen3_vl_8b_geo3k": "Qwen/Qwen3-VL-8B-Instruct",
+    "qwen3_vl_4b_geo3k": "Qwen/Qwen3-VL-4B-Instruct",
+}
+SCRIPTS = sorted(p for model in MODELS for p in (ROOT / "recipes" / model).glob("*.sh"))
 NAMES = {
     "grpo",
     "grpo_tor",
@@ -25,7 +31,7 @@ NAMES = {
 
 
 def dry_run(script: Path, *extra: str) -> list[str]:
-    env = {**os.environ, "VERL_TOR_DRY_RUN": "1", "DATA_DIR": "/data/geo3k"}
+    env = {**os.environ, "VERL_TOR_DRY_RUN": "print", "DATA_DIR": "/data/geo3k"}
     proc = subprocess.run(["bash", str(script), *extra], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()
@@ -53,7 +59,8 @@ def test_every_model_has_every_arm():
     by_model: dict[str, set[str]] = {}
     for script in SCRIPTS:
         by_model.setdefault(script.parent.name, set()).add(script.stem)
-    assert set(by_model) == {"qwen2_5_vl_7b_geo3k", "qwen2_5_vl_3b_geo3k"}
+    assert set(by_model) == set(MODELS)
+    assert {p.name for p in (ROOT / "recipes").glob("qwen*_geo3k")} == set(MODELS)  # no model directory left out
     assert all(names == NAMES for names in by_model.values())
 
 
@@ -84,7 +91,7 @@ def flat(cfg) -> dict:
     return out
 
 
-@pytest.mark.parametrize("model", ["qwen2_5_vl_7b_geo3k", "qwen2_5_vl_3b_geo3k"])
+@pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize(
     ("base", "tor"),
     [
@@ -118,10 +125,24 @@ def test_algorithms_map_to_the_paper_settings(composed):
     assert grpo.actor_rollout_ref.rollout.name == "vllm" and grpo.actor_rollout_ref.actor.strategy == "fsdp2"
 
 
+def test_each_model_family_gets_its_own_settings(composed):
+    """Same recipe for every model; only the model and the vision patch size verl's data pipeline resizes images
+    with differ (Qwen3-VL: 16-px patches; Qwen2.5-VL: verl's default 14, not even on the command line)."""
+    reference = flat(composed[ROOT / "recipes" / "qwen2_5_vl_7b_geo3k" / "grpo_tor.sh"])
+    for model, hub_id in MODELS.items():
+        cfg = composed[ROOT / "recipes" / model / "grpo_tor.sh"]
+        assert cfg.actor_rollout_ref.model.path == hub_id
+        qwen3 = model.startswith("qwen3_vl")
+        assert cfg.data.image_patch_size == (16 if qwen3 else 14)
+        assert ("data.image_patch_size=16" in dry_run(ROOT / "recipes" / model / "grpo_tor.sh")) is qwen3
+        diff = {k for k, v in flat(cfg).items() if reference.get(k) != v}
+        assert diff <= {"actor_rollout_ref.model.path", "trainer.experiment_name", "data.image_patch_size"}, diff
+
+
 def test_overrides_and_env_reach_the_command():
     argv = dry_run(ROOT / "recipes" / "qwen2_5_vl_3b_geo3k" / "grpo_tor.sh", "tor.perception_weight=1.0")
     assert argv[-1] == "tor.perception_weight=1.0"
-    env = {**os.environ, "VERL_TOR_DRY_RUN": "1", "NNODES": "4", "MODEL_PATH": "/ckpt/m"}
+    env = {**os.environ, "VERL_TOR_DRY_RUN": "print", "NNODES": "4", "MODEL_PATH": "/ckpt/m"}
     out = subprocess.run(
         ["bash", str(ROOT / "recipes/qwen2_5_vl_7b_geo3k/dapo.sh")], capture_output=True, text=True, env=env
     )
@@ -134,6 +155,30 @@ def test_typo_in_an_override_is_caught():
     argv = dry_run(ROOT / "recipes" / "qwen2_5_vl_7b_geo3k" / "grpo.sh", "actor_rollout_ref.actor.kl_los_coef=0.1")
     with pytest.raises(ConfigCompositionException):
         compose(argv)
+
+
+def test_dry_run_composes_and_validates_the_config():
+    """VERL_TOR_DRY_RUN=1 prints the command and composes + validates its config with the python that would run it:
+    a misspelt +tor.* key (which hydra adds silently) fails the dry run, naming the field (values: test_cli_on_cpu)."""
+    import sys
+
+    script = ROOT / "recipes" / "qwen2_5_vl_3b_geo3k" / "grpo_tor.sh"
+    env = {
+        **os.environ,
+        "VERL_TOR_DRY_RUN": "1",
+        "DATA_DIR": "/data/geo3k",
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
+
+    def run(*extra):
+        return subprocess.run(["bash", str(script), *extra], capture_output=True, text=True, env=env, timeout=300)
+
+    ok = run()
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "config OK" in ok.stderr and ok.stdout.splitlines()[:3] == ["python3", "-m", "verl.trainer.main_ppo"]
+    typo = run("+tor.reasonig_ratio=0.2")
+    assert typo.returncode != 0
+    assert "tor.reasonig_ratio: unknown field. Fix: did you mean tor.reasoning_ratio?" in typo.stderr
 
 
 def test_shellcheck_is_clean():

@@ -3,6 +3,8 @@ against an independent computation on prompts rebuilt from scratch without the i
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -47,19 +49,40 @@ def batch(tiny_processor, geometry_images):
     return rows, keys, plan
 
 
-def run_stage(tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMeta):
-    """verl's step up to the ToR stage on ``store`` (default: the in-memory double; or the real ``transfer_queue``)."""
+class RecordingScorer:
+    """A scorer that records the sequence length of every row each call is sent (the old-policy pass, called through
+    the wrapped scorer's own method, is not recorded)."""
+
+    def __init__(self, scorer, store):
+        self.scorer, self.store, self.lengths = scorer, store, []
+
+    def __call__(self, meta):
+        ids = self.store.kv_batch_get(meta.keys, meta.partition_id, ["input_ids"])["input_ids"]
+        self.lengths.append([int(n) for n in ids.offsets().diff()])
+        return self.scorer(meta)
+
+    def __getattr__(self, name):
+        return getattr(self.scorer, name)
+
+
+def run_stage(tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMeta, step=3, advantages=None):
+    """verl's step up to the ToR stage on ``store`` (default: the in-memory double; or the real ``transfer_queue``).
+
+    ``advantages``: one value per row (default 1), stored on each of the row's tokens as GRPO's outcome advantage."""
     rows, keys, _ = batch
     store = InMemoryKV() if store is None else store
     store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
-    scorer = LocalLogProbScorer.for_model(store, tiny_model)
+    scorer = RecordingScorer(LocalLogProbScorer.for_model(store, tiny_model), store)
     scorer.compute_old_log_prob(keys)
     from tensordict import TensorDict
 
     old = store.kv_batch_get(keys, "train", ["old_log_probs"])["old_log_probs"]
-    ones = torch.nested.nested_tensor_from_jagged(torch.ones_like(old.values()), old.offsets())
+    per_row = torch.ones(len(keys)) if advantages is None else torch.as_tensor(advantages, dtype=torch.float32)
+    lengths = old.offsets().diff()
+    values = torch.repeat_interleave(per_row, lengths)  # one advantage per response, on each of its tokens
+    adv = torch.nested.nested_tensor_from_jagged(values, old.offsets())
     # the meta verl hands to the stage is the one its last put returned (keys, partition, per-row tags)
-    meta = store.kv_batch_put(keys, "train", fields=TensorDict({"advantages": ones}, batch_size=len(keys)))
+    meta = store.kv_batch_put(keys, "train", fields=TensorDict({"advantages": adv}, batch_size=len(keys)))
     stage = ToRStage(
         config=cfg,
         score=scorer,
@@ -69,7 +92,7 @@ def run_stage(tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMe
         temperature=1.0,
     )
     metrics, timing = {}, {}
-    meta = stage.run(meta, metrics, timing, step=3)  # the meta verl passes on to the actor update
+    meta = stage.run(meta, metrics, timing, step=step)  # the meta verl passes on to the actor update
     return store, scorer, metrics, meta
 
 
@@ -93,18 +116,25 @@ def test_stage_weights_match_an_independent_computation(tiny_model, tiny_process
         )
     sensitivity = (old - noimg).abs() * mask
     index = np.array([r["uid"] for r in rows], dtype=object)
-    want, want_metrics = compute_tor_weights(entropy, sensitivity, mask, cfg, index=index, step=3)
+    with_image = torch.tensor([image is not None for _, image, _ in plan])[:, None] & mask.bool()
+    want, want_metrics = compute_tor_weights(
+        entropy, sensitivity, mask, cfg, index=index, step=3, sensitivity_mask=with_image
+    )
 
     got = torch.nested.to_padded_tensor(store.kv_batch_get(keys, "train", ["tor_weights"])["tor_weights"], 0.0)
     torch.testing.assert_close(got, want)
     for key, value in want_metrics.items():
         assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     assert metrics["tor/no_image_frac"] == pytest.approx(1 / 5)
+    assert metrics["tor/noimg_scored_frac"] == pytest.approx(4 / 5) and metrics["tor/view_fallback_frac"] == 0
     assert sensitivity[-1].abs().sum() == 0  # the text-only row
     assert (sensitivity[:-1] > 1e-4).any()
-    # one image-free call over all rows, no entropy, and nothing left behind
+    assert (got[-1] != cfg.perception_weight).all()  # its own group (scope=group) has no perception token
+    # one image-free call over all rows (the text-only one as a 2-token placeholder), no entropy, nothing left behind
     views = [c for c in scorer.calls if c["partition_id"] == "tor_noimg"]
     assert len(views) == 1 and views[0]["n"] == len(rows) and views[0]["calculate_entropy"] is False
+    (sent,) = scorer.lengths  # sequence length of every row sent to the image-free pass
+    assert sent[-1] == 2 and all(n < len(r["input_ids"]) for n, r in zip(sent[:-1], rows))
     # what verl's engine reads of a row, incl. loss_mask (FSDPEngine.forward_backward_batch sums it)
     assert {"input_ids", "position_ids", "prompts", "responses", "loss_mask"} <= views[0]["fields"]
     # `remove` finds images by their tokens: the pixels stay in TransferQueue, off the driver and the view rows
@@ -116,18 +146,21 @@ def test_stage_weights_match_an_independent_computation(tiny_model, tiny_process
     assert "tor_noimg" not in store.data
 
 
-def test_rows_without_an_image_are_rebuilt_exactly_as_verl_stored_them(tiny_processor, batch):
-    """`remove` reads only prompts/responses/masks; a text-only row, scored as it is, must come back identical."""
+def test_rows_not_scored_become_a_two_token_placeholder(tiny_processor, batch):
+    """`remove` reads only prompts/responses/masks; a text-only row is not scored: a placeholder with the view's
+    fields stands in for it (verl's row count per worker stays as verl balanced it)."""
     rows, _, _ = batch
     builder = make_view_builder(ToRConfig(enable=True), tiny_processor)
     text_only = rows[-1]
     read = {key: text_only[key] for key in builder.fields}
-    assert builder(read) is None
-    completed = builder.complete(read)
-    assert list(completed) == list(VIEW_FIELDS)
-    for key in VIEW_FIELDS:
-        assert torch.equal(completed[key], text_only[key]), key
+    assert not builder.has_image(read) and builder(read) is None
+    placeholder = builder.placeholder(read)
+    assert list(placeholder) == list(VIEW_FIELDS)
+    eos = tiny_processor.tokenizer.eos_token_id
+    assert placeholder["input_ids"].tolist() == [eos, eos] and placeholder["response_mask"].tolist() == [0]
+    assert placeholder["loss_mask"].tolist() == [0] and placeholder["position_ids"].shape == (4, 2)
     with_image = {key: rows[0][key] for key in builder.fields}
+    assert builder.has_image(with_image)
     view = builder(with_image)
     assert list(view) == list(VIEW_FIELDS) and len(view["input_ids"]) < len(rows[0]["input_ids"])
 
@@ -156,6 +189,276 @@ def test_reasoning_only_skips_the_image_free_pass(tiny_model, tiny_processor, ba
     _, scorer, metrics, _ = run_stage(tiny_model, tiny_processor, batch, ToRConfig(enable=True, mode="reasoning_only"))
     assert [c["partition_id"] for c in scorer.calls] == ["train"]  # only the old-policy pass of the fixture
     assert metrics.get("tor/perception_frac", 0.0) == 0.0 and metrics["tor/reasoning_frac"] > 0
+
+
+def padded_field(store, keys, name):
+    return torch.nested.to_padded_tensor(store.kv_batch_get(keys, "train", [name])[name], 0.0)
+
+
+def test_text_only_prompts_get_no_perception_tokens_in_their_own_scope(tiny_model, tiny_processor, batch):
+    """A text-only prompt has no S_t: with scope=sequence its response selects no T_p (before: ceil(ρ_p·n) random
+    tokens among its tied zeros, weighted γ_p), while the rows with an image keep ceil(ρ_p·n) each."""
+    rows, keys, _ = batch
+    cfg = ToRConfig(enable=True, apply="loss", scope="sequence", mode="perception_only")
+    store, _, metrics, _ = run_stage(tiny_model, tiny_processor, batch, cfg)
+    weights = padded_field(store, keys, "tor_weights")
+    assert (weights[-1] == 0).all()
+    for row, w in zip(rows[:-1], weights[:-1]):
+        assert int((w > 0).sum()) == math.ceil(0.3 * len(row["responses"]))
+    assert metrics["tor/no_image_frac"] == pytest.approx(1 / 5)
+
+
+def test_perception_weight_zero_skips_the_image_free_pass(tiny_model, tiny_processor, batch):
+    rows, keys, _ = batch
+    cfg = ToRConfig(enable=True, apply="loss", perception_weight=0.0)
+    store, scorer, metrics, _ = run_stage(tiny_model, tiny_processor, batch, cfg)
+    assert [c["partition_id"] for c in scorer.calls] == ["train"] and scorer.lengths == []
+    assert metrics["tor/noimg_scored_frac"] == 0.0  # the metrics say the pass was skipped
+    assert "tor/perception_frac" not in metrics
+    reasoning_only, _, _, _ = run_stage(tiny_model, tiny_processor, batch, cfg.replace(mode="reasoning_only"))
+    torch.testing.assert_close(
+        padded_field(store, keys, "tor_weights"), padded_field(reasoning_only, keys, "tor_weights")
+    )
+
+
+def test_a_rollout_whose_view_cannot_be_built_falls_back_and_is_counted(tiny_model, tiny_processor, batch, caplog):
+    """A response holding a vision token has no image-free view: its row gets S_t = 0 and no T_p, the step goes on,
+    warns once and counts it; only when every row with an image is affected does the step fail."""
+    import logging
+
+    from verl_tor.testing import build_verl_row
+    from verl_tor.views import ViewError
+
+    rows, keys, plan = batch
+    # a stray <|vision_end|> (an <|image_pad|> would already break verl's own position ids upstream)
+    pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+
+    def spoiled(i):
+        question, image, response = plan[i]
+        bad = torch.cat([response[:2], torch.tensor([pad]), response[2:]])
+        row = build_verl_row(tiny_processor, chat_prompt(tiny_processor, question, image), bad, [image])
+        row["uid"] = rows[i]["uid"]
+        return row
+
+    bad_rows = [spoiled(0)] + rows[1:]
+    cfg = ToRConfig(enable=True, apply="loss", mode="perception_only")
+    with caplog.at_level(logging.WARNING, logger="verl_tor"):
+        store, scorer, metrics, _ = run_stage(tiny_model, tiny_processor, (bad_rows, keys, plan), cfg)
+    warnings = [r for r in caplog.records if "no image-free view" in r.getMessage()]
+    assert len(warnings) == 1 and keys[0] in warnings[0].getMessage() and "vision tokens" in warnings[0].getMessage()
+    assert metrics["tor/view_fallback_frac"] == pytest.approx(1 / 5)
+    assert metrics["tor/noimg_scored_frac"] == pytest.approx(3 / 5)
+    weights = padded_field(store, keys, "tor_weights")
+    assert (weights[0] == 0).all() and (weights[1:4] > 0).any(dim=1).all()
+    assert scorer.lengths[-1][0] == 2  # sent as a placeholder
+    every_image_row_bad = [spoiled(i) for i in range(4)] + rows[4:]
+    with pytest.raises(ViewError, match=f"no response of this batch has an image-free view; row '{keys[0]}'"):
+        run_stage(tiny_model, tiny_processor, (every_image_row_bad, keys, plan), cfg)
+
+
+def test_noise_is_seeded_from_the_step_so_a_resumed_run_draws_the_same(tiny_processor, batch):
+    rows, _, _ = batch
+    cfg = ToRConfig(enable=True, image_view="noise")
+    read = lambda b, i: {k: rows[i][k] for k in b.fields}  # noqa: E731
+    running = make_view_builder(cfg, tiny_processor)
+    for step in (1, 2, 3):
+        seen = [running(read(running, i), step=step, position=i)["multi_modal_inputs"]["pixel_values"] for i in (0, 1)]
+    resumed = make_view_builder(cfg, tiny_processor)  # a new process resuming at step 3
+    again = [resumed(read(resumed, i), step=3, position=i)["multi_modal_inputs"]["pixel_values"] for i in (0, 1)]
+    for a, b in zip(seen, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    other_step = resumed(read(resumed, 0), step=4, position=0)["multi_modal_inputs"]["pixel_values"]
+    assert not torch.equal(other_step, seen[0])
+    assert not torch.equal(
+        seen[0] - rows[0]["multi_modal_inputs"]["pixel_values"], seen[1] - rows[1]["multi_modal_inputs"]["pixel_values"]
+    )
+
+
+@pytest.mark.parametrize("apply", ["advantage", "loss"])
+def test_rank_tokens_informative_ranks_and_scores_only_rows_that_can_learn(tiny_model, tiny_processor, batch, apply):
+    """Prompt p0's two responses have advantage 0 (a GRPO group with equal rewards): under rank_tokens=informative
+    they are not scored (2-token placeholders), get weight 0, and T_r / T_p are ceil(ρ·N) of the N informative
+    tokens; the paper's `all` ranks every token."""
+    rows, keys, _ = batch
+    advantages = [0.0, 0.0, 1.0, -1.0, 0.5]
+    cfg = ToRConfig(enable=True, apply=apply, rank_tokens="informative")
+    store, scorer, metrics, _ = run_stage(tiny_model, tiny_processor, batch, cfg, advantages=advantages)
+    lengths = [len(r["responses"]) for r in rows]
+    n_informative, n_valid = sum(lengths[2:]), sum(lengths)
+    assert metrics["tor/informative_frac"] == pytest.approx(n_informative / n_valid)
+    assert metrics["tor/reasoning_frac"] == pytest.approx(math.ceil(0.3 * n_informative) / n_informative)
+    n_image_informative = sum(lengths[2:4])  # the text-only row is informative but has no S_t
+    assert metrics["tor/perception_frac"] == pytest.approx(math.ceil(0.3 * n_image_informative) / n_informative)
+    assert metrics["tor/noimg_scored_frac"] == pytest.approx(2 / 5)
+    assert scorer.lengths[-1][:2] == [2, 2] and min(scorer.lengths[-1][2:4]) > 2
+    stored = padded_field(store, keys, "advantages" if apply == "advantage" else "tor_weights")
+    assert (stored[:2] == 0).all() and (stored[2:] != 0).any(dim=1).all()
+    # the paper's default ranks all tokens, informative or not
+    _, scorer_all, metrics_all, _ = run_stage(tiny_model, tiny_processor, batch, cfg.replace(rank_tokens="all"))
+    assert metrics_all["tor/reasoning_frac"] == pytest.approx(math.ceil(0.3 * n_valid) / n_valid)
+    assert "tor/informative_frac" not in metrics_all and min(scorer_all.lengths[-1][:4]) > 2
+
+
+def test_a_batch_without_informative_rows_skips_the_image_free_call(tiny_model, tiny_processor, batch):
+    cfg = ToRConfig(enable=True, rank_tokens="informative")
+    store, scorer, metrics, _ = run_stage(tiny_model, tiny_processor, batch, cfg, advantages=[0.0] * 5)
+    assert scorer.lengths == [] and metrics["tor/noimg_scored_frac"] == 0.0
+    assert (padded_field(store, batch[1], "advantages") == 0).all()
+
+
+# ---------------------------------------------------------------------- verl's own per-row lengths
+TRAINER_BASE = [
+    "algorithm.adv_estimator=grpo",
+    "actor_rollout_ref.rollout.n=4",
+    "data.train_batch_size=2",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=1",
+    "trainer.n_gpus_per_node=1",
+]
+
+
+def make_trainer(*overrides):
+    """verl's V1 trainer of the recipes' config (``tor_sync`` unless overridden), as main_ppo builds it."""
+    from pathlib import Path
+
+    import verl  # noqa: F401  - loads the plugin
+    from hydra import compose, initialize_config_dir
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    config_dir = str(Path(__file__).resolve().parents[1] / "recipes" / "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose("tor_trainer", overrides=[*TRAINER_BASE, *overrides])
+    return get_trainer_cls(cfg.trainer.v1.trainer_mode)(cfg)
+
+
+@pytest.fixture
+def verl_store(monkeypatch):
+    """An in-memory TransferQueue, seen by verl's trainer and by its batch-padding code."""
+    import verl.trainer.ppo.padding_utils as padding_utils
+    import verl.trainer.ppo.v1.trainer_base as trainer_base
+
+    store = InMemoryKV()
+    monkeypatch.setattr(trainer_base, "tq", store)
+    monkeypatch.setattr(padding_utils, "tq", store)
+    return store
+
+
+MULTI_TURN_MASK = [1] * 8 + [0] * 4 + [1] * 9  # 21 response tokens, 4 of them a masked tool observation
+
+
+def build_padded_multi_turn_batch(tiny_model, tiny_processor, geometry_images, store):
+    """2 prompts x 4 rollouts with images, rollout 1 a multi-turn one (a masked tool observation inside its
+    response), rm_scores on the last token; then verl's own `upsample_batch_to_divisible_size` pads the batch to a
+    multiple of 12 with its text-only padding rows (1 masked response token); then the old-policy pass."""
+    from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
+
+    g = torch.Generator().manual_seed(1)
+    vocab = len(tiny_processor.tokenizer) - 20
+    rows, keys, tags = [], [], []
+    for p in range(2):
+        prompt = chat_prompt(tiny_processor, QUESTIONS[p], geometry_images[p])
+        for s in range(4):
+            n = 21 if (p, s) == (0, 1) else int(torch.randint(6, 12, (1,), generator=g))
+            response = torch.randint(20, vocab, (n,), generator=g)
+            row = build_verl_row(tiny_processor, prompt, response, [geometry_images[p]])
+            if (p, s) == (0, 1):
+                row["response_mask"] = row["loss_mask"] = torch.tensor(MULTI_TURN_MASK)
+            row["uid"] = f"p{p}"
+            score = torch.zeros(n)
+            score[int(row["response_mask"].nonzero().max())] = float(s % 2 == 0) * 0.9 + 0.1
+            row["rm_scores"] = score
+            rows.append(row)
+            keys.append(f"p{p}_{s}_0")
+            tags.append({"seq_len": len(row["input_ids"])})
+    store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows), tags=tags)
+    meta = upsample_batch_to_divisible_size(KVMeta(keys=keys, tags=tags, partition_id="train"), 12, 0)
+    meta = KVMeta(keys=list(meta.keys), tags=list(meta.tags), partition_id="train")
+    LocalLogProbScorer.for_model(store, tiny_model).compute_old_log_prob(meta.keys)
+    return meta
+
+
+@pytest.mark.parametrize("apply", ["advantage", "loss"])
+def test_stored_fields_keep_verls_row_lengths_through_padding_multi_turn_and_ppo_loss(
+    tiny_model, tiny_processor, geometry_images, verl_store, apply
+):
+    """Every per-token field the stage writes keeps verl's stored per-row length (not the valid-token count), so
+    verl's `ppo_loss` consumes them for any micro-batch: a padding row alone, the multi-turn row alone, all rows."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+
+    from verl_tor.loss import tor_ppo_loss
+    from verl_tor.testing import build_actor_config
+
+    store = verl_store
+    meta = build_padded_multi_turn_batch(tiny_model, tiny_processor, geometry_images, store)
+    keys = list(meta.keys)
+    padding = [i for i, tag in enumerate(meta.tags) if tag.get("is_padding")]
+    assert len(keys) == 12 and len(padding) == 4
+
+    stock = make_trainer("trainer.v1.trainer_mode=sync")
+    stock._compute_advantage(meta, {})
+    grpo = padded_field(store, keys, "advantages")  # verl's own GRPO advantage, before ToR rewrites it
+
+    trainer = make_trainer("tor.enable=true", f"tor.apply={apply}")
+    trainer.tor_stage = ToRStage(
+        config=trainer.tor_config,
+        score=LocalLogProbScorer.for_model(store, tiny_model),
+        make_meta=KVMeta,
+        build_view=make_view_builder(trainer.tor_config, tiny_processor),
+        store=store,
+    )
+    trainer.timing_raw, trainer.global_steps = {}, 1
+    metrics: dict = {}
+    trainer._compute_advantage(meta, metrics)
+
+    written = ["advantages"] + (["tor_weights"] if apply == "loss" else [])
+    got = store.kv_batch_get(keys, "train", ["response_mask", "old_log_probs", *written])
+    want_lengths = got["response_mask"].offsets().diff()
+    assert want_lengths[1] == 21 and (want_lengths[padding] == 1).all()
+    for name in ("old_log_probs", *written):
+        assert torch.equal(got[name].offsets().diff(), want_lengths), name
+    mask = padded_field(store, keys, "response_mask").bool()
+    if apply == "advantage":
+        weights = torch.where(grpo != 0, padded_field(store, keys, "advantages") / grpo, 0.0)
+    else:
+        weights = padded_field(store, keys, "tor_weights")
+        torch.testing.assert_close(padded_field(store, keys, "advantages"), grpo)  # verl's, untouched
+    assert (weights[~mask] == 0).all()  # padding tokens and the masked tool observation
+    assert (weights[1, 12:][mask[1, 12:]] > 0).any()  # the tokens after the tool observation are still weighted
+    assert metrics["tor/no_image_frac"] == 0.0  # over real responses: verl's padding rows are not counted
+    assert metrics["tor/noimg_scored_frac"] == 1.0
+
+    # verl's ppo_loss on the stored fields, as the actor worker receives them (the engine sets batch_num_tokens to
+    # the mini-batch's valid tokens); current = old policy (ratio 1), so the vanilla clipped surrogate of a token is
+    # -A_t·w_t, and token-mean sums it over the micro-batch's valid tokens / batch_num_tokens
+    config = build_actor_config("actor_rollout_ref.actor.loss_agg_mode=token-mean")
+    loss_fn = ppo_loss if apply == "advantage" else tor_ppo_loss
+    seq_log_probs = store.kv_batch_get(keys, "train", ["log_probs"])["log_probs"]
+    for micro in ([padding[0]], [1], list(range(len(keys)))):
+        sub = [keys[i] for i in micro]
+        data = store.kv_batch_get(sub, "train", ["prompts", "responses", "response_mask", "old_log_probs", *written])
+        tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=None)
+        log_probs = torch.nested.as_nested_tensor([seq_log_probs[i] for i in micro], layout=torch.jagged)
+        loss, _ = loss_fn(config, {"log_probs": log_probs}, data)
+        m = mask[micro]
+        want = -(grpo[micro] * weights[micro])[m].sum() / int(mask.sum())
+        torch.testing.assert_close(loss.float(), want.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_enable_false_with_rank_tokens_informative_is_stock_sync(
+    tiny_model, tiny_processor, geometry_images, verl_store
+):
+    store = verl_store
+    meta = build_padded_multi_turn_batch(tiny_model, tiny_processor, geometry_images, store)
+    results = []
+    for overrides in (["trainer.v1.trainer_mode=sync"], ["tor.enable=false", "tor.rank_tokens=informative"]):
+        trainer, metrics = make_trainer(*overrides), {}
+        trainer._compute_advantage(meta, metrics)
+        results.append((type(trainer).__name__, padded_field(store, meta.keys, "advantages"), metrics))
+    assert [r[0] for r in results] == ["PPOTrainerSync", "ToRTrainerSync"]
+    assert torch.equal(results[0][1], results[1][1]) and results[0][2] == results[1][2]
 
 
 # ---------------------------------------------------------------------- the real TransferQueue

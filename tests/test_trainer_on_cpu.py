@@ -1,8 +1,11 @@
-"""The tor_sync trainer through verl's real PPOTrainer code, with TransferQueue replaced by an in-memory double.
+"""The tor_sync and tor_colocate_async trainers through verl's real PPOTrainer code, with TransferQueue replaced by an
+in-memory double.
 
-- With ``tor.enable=false`` it is bit-identical to ``trainer_mode=sync`` (advantages and metrics of verl's own
+- With ``tor.enable=false`` each is bit-identical to the verl mode it extends (advantages and metrics of verl's own
   ``_compute_advantage``).
-- It presents itself as a sync trainer to verl's async-switching logic (the replay-buffer trap).
+- Each presents the verl mode it extends to verl's mode-keyed logic: replay buffer, prompt persistence for refill,
+  TransferQueue checkpoint, in-flight re-issue (``tor_sync`` takes the sync branches, ``tor_colocate_async`` the async
+  ones, exactly as verl's own ``sync`` / ``colocate_async``).
 - With ToR on, ``_compute_advantage`` runs verl's GRPO advantage and then the stage, whose weights land in the
   stored advantages (``apply=advantage``) or in ``tor_weights`` (``apply=loss``).
 """
@@ -85,6 +88,9 @@ def padded(store: InMemoryKV, meta: KVMeta, name: str) -> torch.Tensor:
     return torch.nested.to_padded_tensor(store.kv_batch_get(meta.keys, "train", [name])[name], 0.0)
 
 
+MODES = {"tor_sync": "sync", "tor_colocate_async": "colocate_async"}
+
+
 def test_tor_sync_presents_itself_as_sync():
     from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
@@ -94,20 +100,89 @@ def test_tor_sync_presents_itself_as_sync():
     assert type(trainer.replay_buffer) is ReplayBuffer  # not ReplayBufferAsync
 
 
-def test_tor_disabled_is_bit_identical_to_stock_sync(kv):
+def test_tor_colocate_async_presents_itself_as_colocate_async():
+    from verl.trainer.ppo.v1 import PPOTrainerColocateAsync
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBufferAsync
+
+    trainer = make_trainer("trainer.v1.trainer_mode=tor_colocate_async", "tor.enable=true")
+    assert isinstance(trainer, PPOTrainerColocateAsync) and type(trainer).__name__ == "ToRTrainerColocateAsync"
+    assert trainer.trainer_mode == "colocate_async"
+    assert trainer._configured_trainer_mode == "tor_colocate_async"
+    assert type(trainer.replay_buffer) is ReplayBufferAsync
+    # verl reads its settings from trainer.v1.<trainer_mode>: the colocate_async block, not a missing tor_* one
+    assert trainer.replay_buffer.trainer_mode == "colocate_async"
+    assert trainer.replay_buffer.trainer_config == trainer.config.trainer.v1.colocate_async
+    assert trainer.parameter_sync_step == 1
+
+
+class RecordingKV(InMemoryKV):
+    """The double plus the TransferQueue calls verl's async branches make (checkpoint, listing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.saved: list[str] = []
+        self.listed: list[str] = []
+
+    def save_checkpoint(self, path, metadata=None):
+        self.saved.append(path)
+
+    def kv_list(self, partition_id):
+        self.listed.append(partition_id)
+        return {}
+
+
+@pytest.mark.parametrize("tor_mode", list(MODES))
+def test_verls_mode_keyed_logic_takes_the_branch_of_the_extended_mode(kv, monkeypatch, tmp_path, tor_mode):
+    """Prompt persistence (refill), TransferQueue checkpoint and in-flight re-issue: a ToR trainer takes exactly the
+    branches verl's own trainer of the extended mode takes."""
+    import types
+
+    import verl.trainer.ppo.v1.trainer_base as trainer_base
+    from tensordict import NonTensorStack, TensorDict
+
+    outcomes = {}
+    for mode in (tor_mode, MODES[tor_mode]):
+        store = RecordingKV()
+        monkeypatch.setattr(trainer_base, "tq", store)
+        trainer = make_trainer(f"trainer.v1.trainer_mode={mode}", f"trainer.default_local_dir={tmp_path / mode}")
+        trainer.global_steps = 3
+        trainer.agent_loop_manager = types.SimpleNamespace(generate_sequences=lambda batch: None)
+        trainer.actor_rollout_wg = types.SimpleNamespace(save_checkpoint=lambda *a, **k: None)
+        trainer.train_dataloader = types.SimpleNamespace(state_dict=lambda: {})
+        prompts = TensorDict({"uid": NonTensorStack("u0", "u1"), "input_ids": torch.ones(2, 3)}, batch_size=2)
+        trainer._submit_batch_to_rollout(prompts)
+        trainer._save_checkpoint()
+        outcomes[mode] = {
+            "prompt_fields_persisted": sorted(store.data["train"]["u0"].keys()),
+            "tq_checkpoints": len(store.saved),
+            "reissued": trainer._reissue_inflight_prompts(),
+            "listed": list(store.listed),
+        }
+    assert outcomes[tor_mode] == outcomes[MODES[tor_mode]], outcomes
+    if tor_mode == "tor_colocate_async":  # the async branches, not the sync ones
+        assert outcomes[tor_mode]["tq_checkpoints"] == 1 and outcomes[tor_mode]["listed"] == ["train"]
+        assert "input_ids" in outcomes[tor_mode]["prompt_fields_persisted"]
+    else:
+        assert outcomes[tor_mode]["tq_checkpoints"] == 0 and outcomes[tor_mode]["listed"] == []
+        assert outcomes[tor_mode]["prompt_fields_persisted"] == []
+
+
+@pytest.mark.parametrize("tor_mode", list(MODES))
+def test_tor_disabled_is_bit_identical_to_the_extended_verl_mode(kv, tor_mode):
     results = []
-    for overrides in (["trainer.v1.trainer_mode=sync"], ["tor.enable=false"]):
+    for overrides in ([f"trainer.v1.trainer_mode={MODES[tor_mode]}"], [f"trainer.v1.trainer_mode={tor_mode}"]):
         store = InMemoryKV()
         import verl.trainer.ppo.v1.trainer_base as trainer_base
 
         trainer_base.tq = store
-        trainer = make_trainer(*overrides)
+        trainer = make_trainer(*overrides, "tor.enable=false")
         meta = fill_store(store, seed=3)
         metrics: dict = {}
         trainer._compute_advantage(meta, metrics)
         results.append((type(trainer).__name__, padded(store, meta, "advantages"), metrics))
     (name_a, adv_a, m_a), (name_b, adv_b, m_b) = results
-    assert (name_a, name_b) == ("PPOTrainerSync", "ToRTrainerSync")
+    verl_name = {"tor_sync": "PPOTrainerSync", "tor_colocate_async": "PPOTrainerColocateAsync"}[tor_mode]
+    assert (name_a, name_b) == (verl_name, verl_name.replace("PPOTrainer", "ToRTrainer"))
     assert torch.equal(adv_a, adv_b) and m_a == m_b
     assert adv_a.abs().sum() > 0  # a real GRPO advantage, not an all-zero batch
 
@@ -155,26 +230,31 @@ def add_sequences(store: InMemoryKV, meta: KVMeta) -> None:
     store.kv_batch_put(meta.keys, "train", fields=rows_to_tensordict(rows))
 
 
+@pytest.mark.parametrize("tor_mode", list(MODES))
 @pytest.mark.parametrize("apply", ["advantage", "loss"])
-def test_tor_enabled_stage_runs_after_verl_advantage(kv, apply):
+def test_tor_enabled_stage_runs_after_verl_advantage(kv, apply, tor_mode):
     from verl_tor.ops import compute_tor_weights
     from verl_tor.stage import MULTI_MODAL_FIELD, VIEW_FIELDS, ToRStage
 
     class EveryRowHasAnImage:  # the view content is the scorer's business here
         fields = (*VIEW_FIELDS, MULTI_MODAL_FIELD)
 
-        def __call__(self, row):
+        def has_image(self, row):
+            return True
+
+        def __call__(self, row, step=0, position=0):
             return dict(row)
 
-        def complete(self, row):
+        def placeholder(self, row):
             raise AssertionError("every row has an image")
 
-    stock = make_trainer("trainer.v1.trainer_mode=sync")
+    stock = make_trainer(f"trainer.v1.trainer_mode={MODES[tor_mode]}")
     meta = fill_store(kv, seed=5)
     stock._compute_advantage(meta, {})
     stock_adv = padded(kv, meta, "advantages")
 
-    trainer = make_trainer("tor.enable=true", f"tor.apply={apply}")
+    trainer = make_trainer(f"trainer.v1.trainer_mode={tor_mode}", "tor.enable=true", f"tor.apply={apply}")
+    assert trainer.trainer_mode == MODES[tor_mode]
     kv.data.clear()
     meta = fill_store(kv, seed=5)
     add_sequences(kv, meta)

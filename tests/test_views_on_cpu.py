@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from verl_tor.testing import build_verl_row, compute_sequence_log_probs
-from verl_tor.views import VisionTokenIds, build_image_free_view, compute_text_position_ids
+from verl_tor.views import ViewError, VisionTokenIds, build_image_free_view, compute_text_position_ids, has_image
 
 QUESTION = "The figure shows a rectangle with its sides labelled. Find its area."
 
@@ -104,8 +104,10 @@ def test_text_only_row_has_no_view(tiny_processor, rows, ids):
 def test_vision_token_in_response_is_refused(tiny_processor, rows, ids):
     bad = dict(rows["image"])
     bad["responses"] = torch.cat([rows["response"], torch.tensor([ids.image_pad])])
-    with pytest.raises(ValueError, match="response contains vision tokens"):
+    with pytest.raises(ViewError, match="response contains vision tokens"):  # the stage falls back for this row
         build_image_free_view(bad, "remove", ids, tiny_processor)
+    text_only = dict(rows["text"], responses=bad["responses"])
+    assert build_image_free_view(text_only, "remove", ids, tiny_processor) is None  # no image: nothing to align
 
 
 def test_video_blank_is_refused_remove_is_handled(tiny_processor, rows, ids):
@@ -123,8 +125,9 @@ def test_video_blank_is_refused_remove_is_handled(tiny_processor, rows, ids):
         "pixel_values_videos": torch.zeros(8, 1176),
         "video_grid_thw": torch.tensor([[2, 2, 2]]),
     }
-    with pytest.raises(ValueError, match="does not support video.*tor.image_view=remove"):
+    with pytest.raises(ViewError, match="does not support video.*tor.image_view=remove"):
         build_image_free_view(video, "blank", ids, tiny_processor)
+    assert has_image(video, ids) and has_image(rows["image"], ids) and not has_image(rows["text"], ids)
     view = build_image_free_view(video, "remove", ids, tiny_processor)
     assert torch.equal(view["input_ids"], rows["text"]["input_ids"])
 

@@ -1,4 +1,4 @@
-"""``verl-tor``: the command line (``demo``, ``docs``).
+"""``verl-tor``: the command line (``demo``, ``inspect``, ``docs``, ``check-config``).
 
 ``verl-tor demo`` runs ToR on CPU with no downloads and prints what it selected; ``verl-tor docs`` prints the
 README's config and metrics tables, generated from ``ToRConfig``'s field docstrings and ``verl_tor.metrics``
@@ -19,16 +19,37 @@ from verl_tor.config import CHOICES, ToRConfig, ToRConfigError
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["reasoning_ratio=0.2", "tor.scope=group"]`` -> ``{"reasoning_ratio": 0.2, "scope": "group"}``."""
-    import yaml
+    """``["tor.reasoning_ratio=0.2", "+tor.scope=group"]`` -> ``{"reasoning_ratio": 0.2, "scope": "group"}``.
 
+    Parsed by hydra's own override parser, so a value means here what it means on verl's command line:
+    ``1e-1`` is 0.1, ``0x1`` and ``yes`` are strings (which ``ToRConfig`` then refuses), ``null`` is None. Only
+    ``tor.<field>`` keys (with hydra's ``+``/``++`` prefixes) apply; sweeps and deletions are refused.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
     out: dict[str, Any] = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise ToRConfigError(f"override {pair!r} is not key=value. Fix: write e.g. tor.reasoning_ratio=0.2")
-        key, value = pair.split("=", 1)
-        key = key.removeprefix("+").removeprefix("tor.")
-        out[key] = yaml.safe_load(value)
+        try:
+            override = parser.parse_override(pair)
+        except HydraException as exc:
+            raise ToRConfigError(
+                f"override {pair!r} is not a hydra override ({exc}). Fix: write tor.<field>=<value>, "
+                "e.g. tor.reasoning_ratio=0.2"
+            ) from exc
+        key = override.key_or_group
+        if not key.startswith("tor.") or key.count(".") != 1:
+            raise ToRConfigError(
+                f"override {pair!r}: only tor.<field> overrides apply here, and {key!r} is not one. "
+                f"Fix: write tor.{key.rsplit('.', 1)[-1]}=<value> for a ToR field (see `verl-tor docs`)."
+            )
+        if override.is_delete() or override.is_sweep_override():
+            raise ToRConfigError(
+                f"override {pair!r}: deletions and sweeps have no meaning for one run. Fix: give one value, "
+                "e.g. tor.scope=group"
+            )
+        out[key.removeprefix("tor.")] = override.value()
     return out
 
 
@@ -59,6 +80,35 @@ def metrics_table() -> str:
     return "\n".join(lines)
 
 
+def write_readme(path: str) -> None:
+    """Regenerate the tables inside ``path``: the new text is rendered first and then written atomically (a temp
+    file in the same folder, ``os.replace``), so a file without the marker blocks, or a failed write, is left as
+    it was."""
+    import os
+    import shutil
+    import tempfile
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        rendered = render_readme(text)
+    except ValueError as exc:
+        raise ValueError(
+            f"--write {path!r}: {exc}; the file was left unchanged. Fix: add both marker blocks (as in the project "
+            "README), or run `verl-tor docs` and paste its output."
+        ) from exc
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".verl-tor-docs-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(rendered)
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def render_readme(text: str) -> str:
     """``text`` with the blocks between the ``BEGIN/END CONFIG TABLE`` and ``... METRICS TABLE`` markers regenerated."""
     import re
@@ -69,6 +119,50 @@ def render_readme(text: str) -> str:
             raise ValueError(f"README has no <!-- BEGIN {marker} --> ... <!-- END {marker} --> block")
         text = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), text)
     return text
+
+
+def check_config(argv: list[str]) -> int:
+    """Compose a ``verl.trainer.main_ppo`` command line's config and validate it as ``main_ppo`` does, without
+    running anything: hydra's compose API on ``--config-path`` / ``--config-name`` + the overrides, then verl's
+    ``validate_config`` (which, with verl_tor installed, also checks the ``tor`` block: ``verl_tor.plugin``) and the
+    ToR checks themselves. For ``VERL_TOR_DRY_RUN=1`` in ``recipes/common.sh``; returns 0, or 2 with the error."""
+    import os
+
+    config_path, config_name, overrides = None, "ppo_trainer", []
+    for arg in argv:
+        if arg.startswith("--config-path="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("--config-name="):
+            config_name = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            print(f"error: {arg!r}: only --config-path=, --config-name= and overrides are understood", file=sys.stderr)
+            return 2
+        else:
+            overrides.append(arg)
+    try:
+        import verl  # noqa: F401  - loads verl's plugins, verl_tor's among them
+        from hydra import compose, initialize_config_dir
+        from verl.trainer.ppo.utils import need_critic, need_reference_policy
+        from verl.utils.config import validate_config
+
+        from verl_tor.trainer import validate_tor_config
+
+        if config_path is None:
+            config_path = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+        with initialize_config_dir(config_dir=os.path.abspath(config_path), version_base=None):
+            config = compose(config_name, overrides=overrides)
+        use_ref = need_reference_policy(config)
+        validate_config(config=config, use_reference_policy=use_ref, use_critic=need_critic(config))
+        tor = validate_tor_config(config, use_reference_policy=use_ref)
+    except Exception as exc:  # hydra's composition errors, verl's and ToR's validation errors
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        print(f"error: the config does not validate: {type(exc).__name__}: {exc}{cause}", file=sys.stderr)
+        return 2
+    print(
+        f"config OK: {config_name} + {len(overrides)} overrides composed and validated (tor.enable={tor.enable})",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def run_synthetic(args: argparse.Namespace, cfg: ToRConfig) -> int:
@@ -103,16 +197,75 @@ def run_synthetic(args: argparse.Namespace, cfg: ToRConfig) -> int:
     return 0
 
 
+def int_at_least(low: int, below: int | None = None):
+    """An argparse ``type``: an integer >= ``low`` (and < ``below``); argparse names the flag in its error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low or (below is not None and value >= below):
+            bound = f" and < {below}" if below is not None else ""
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}{bound}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def output_dir(text: str) -> str:
+    """An argparse ``type``: a folder that exists or can be created (not a file, nor under one; writable)."""
+    import os
+
+    path = os.path.abspath(os.path.expanduser(text))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder; give a folder for the outputs")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be created: {existing!r} is a file")
+    if not os.access(existing, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: {existing!r} is not writable")
+    return text
+
+
+def existing_file(text: str) -> str:
+    """An argparse ``type``: a file that exists."""
+    import os
+
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="verl-tor", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run ToR on CPU and print what it selected")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--prompts", type=int, default=4, help="prompts in the rollout batch")
-    demo.add_argument("--n", type=int, default=4, help="responses per prompt (GRPO group size)")
-    demo.add_argument("--response-length", type=int, default=24, help="max new tokens per response")
-    demo.add_argument("--out-dir", default="tor_demo_out", help="where the token map and metrics.json go")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo = sub.add_parser(
+        "demo",
+        help="verl's real trainer (main_ppo) with ToR, a few steps on CPU; --one-step: one step walked through",
+    )
+    seed = int_at_least(0, 1 << 63)
+    positive = int_at_least(1)
+    demo.add_argument("--seed", type=seed, default=0)
+    demo.add_argument("--steps", type=positive, default=4, help="training steps of verl's trainer (not --one-step)")
+    demo.add_argument(
+        "--algorithm", choices=("grpo", "dapo"), default="grpo", help="the CPU recipe: ToR-GRPO or ToR-DAPO"
+    )
+    demo.add_argument("--prompts", type=positive, default=4, help="prompts in the rollout batch")
+    demo.add_argument("--n", type=positive, default=4, help="responses per prompt (GRPO group size)")
+    demo.add_argument(
+        "--response-length", type=positive, default=None, help="max new tokens per response (default 32; --one-step 24)"
+    )
+    demo.add_argument(
+        "--out-dir", type=output_dir, default="tor_demo_out", help="model, data, runs and token maps go here"
+    )
+    demo.add_argument(
+        "--one-step", action="store_true", help="one ToR step walked through in this process (no Ray, no trainer)"
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars (--one-step)")
     demo.add_argument("--synthetic", action="store_true", help="ops only, on synthetic scores (no model)")
     demo.add_argument("overrides", nargs="*", help="tor.* overrides, e.g. tor.scope=group tor.perception_weight=1")
     insp = sub.add_parser("inspect", help="token maps for a local Qwen2-VL/2.5-VL checkpoint on verl-format data")
@@ -120,23 +273,34 @@ def main(argv: list[str] | None = None) -> int:
         "--model", required=True, help="Hugging Face checkpoint directory (e.g. a merged verl checkpoint)"
     )
     insp.add_argument("--data", required=True, help="verl RL parquet (prompt + images columns)")
-    insp.add_argument("--responses", help="JSONL with {index, response} per line (default: generate)")
-    insp.add_argument("--n", type=int, default=4, help="responses generated per prompt")
-    insp.add_argument("--limit", type=int, default=4, help="rows of --data to use")
-    insp.add_argument("--max-new-tokens", type=int, default=256)
-    insp.add_argument("--out-dir", default="tor_inspect_out")
+    insp.add_argument(
+        "--responses", type=existing_file, help="JSONL with {index, response} per line (default: generate)"
+    )
+    insp.add_argument("--n", type=positive, default=4, help="responses generated per prompt")
+    insp.add_argument("--limit", type=positive, default=4, help="rows of --data to use")
+    insp.add_argument("--max-new-tokens", type=positive, default=256)
+    insp.add_argument("--out-dir", type=output_dir, default="tor_inspect_out")
     insp.add_argument("--no-progress", action="store_true")
     insp.add_argument("overrides", nargs="*", help="tor.* overrides")
     docs = sub.add_parser("docs", help="print the README's config and metrics tables")
     docs.add_argument("--write", metavar="README", help="regenerate the tables inside this file instead")
+    check = sub.add_parser(
+        "check-config", help="compose and validate a main_ppo command line's config (VERL_TOR_DRY_RUN=1)"
+    )
+    check.add_argument("main_ppo_args", nargs=argparse.REMAINDER, help="-- --config-path=... --config-name=... k=v")
     args = parser.parse_args(argv)
+
+    if args.command == "check-config":
+        rest = args.main_ppo_args[1:] if args.main_ppo_args[:1] == ["--"] else args.main_ppo_args
+        return check_config(rest)
 
     if args.command == "docs":
         if args.write:
-            with open(args.write, encoding="utf-8") as f:
-                text = f.read()
-            with open(args.write, "w", encoding="utf-8") as f:
-                f.write(render_readme(text))
+            try:
+                write_readme(args.write)
+            except (OSError, ValueError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             return 0
         print(config_table())
         print()
@@ -149,6 +313,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"tor.scorer_policy='ref': `verl-tor {args.command}` has one model and no reference policy, so it "
                 "would silently score the image-free view with that same model. Fix: leave tor.scorer_policy=old "
                 "(the paper's setting) here; 'ref' applies to training runs with a reference model."
+            )
+        if not cfg.enable and (args.command == "inspect" or args.synthetic):
+            what = "`verl-tor inspect`" if args.command == "inspect" else "`verl-tor demo --synthetic`"
+            raise ToRConfigError(
+                f"tor.enable=false: {what} shows what ToR selects, and with ToR off it selects nothing. "
+                "Fix: drop tor.enable=false (plain `verl-tor demo` with tor.enable=false runs stock GRPO)."
+            )
+        if cfg.rank_tokens == "informative" and (args.command == "inspect" or args.synthetic):
+            what = "`verl-tor inspect`" if args.command == "inspect" else "`verl-tor demo --synthetic`"
+            raise ToRConfigError(
+                f"tor.rank_tokens='informative' ranks tokens with a non-zero advantage, and {what} has no rewards, "
+                "hence no advantages. Fix: leave tor.rank_tokens=all here (`verl-tor demo` has GRPO advantages)."
             )
     except ToRConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -175,9 +351,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.synthetic:
         return run_synthetic(args, cfg)
-    from verl_tor.demo import main as run_demo
+    if args.one_step:
+        from verl_tor.demo import main as run_demo
 
-    return run_demo(args, cfg)
+        args.response_length = args.response_length or 24
+        return run_demo(args, cfg)
+    from verl_tor.loop_demo import main as run_loop_demo
+
+    return run_loop_demo(
+        out_dir=args.out_dir,
+        steps=args.steps,
+        seed=args.seed,
+        recipe=f"{args.algorithm}_tor" if cfg.enable else "grpo",
+        overrides=[f"tor.{k}={v}" for k, v in parse_overrides(args.overrides).items() if k != "enable"],
+        prompts=args.prompts,
+        n=args.n,
+        response_length=args.response_length,
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import numbers
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -38,7 +39,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scorer_policy": ("old", "ref"),
     "apply": ("advantage", "loss"),
     "mode": ("tor", "reasoning_only", "perception_only", "random", "all_tokens"),
+    "rank_tokens": ("all", "informative"),
 }
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""Largest finite float32: ToR's scores, weights and advantages are float32 tensors."""
+FLOAT32_TINY = 1.1754943508222875e-38
+"""Smallest positive normal float32; a smaller non-zero value becomes subnormal or 0 in those tensors."""
+SEED_LIMIT = 1 << 63
+"""Seeds are used as torch generator seeds and int64 tensor values: 0 <= seed < 2**63."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,8 @@ class ToRConfig:
 
     perception_weight: float = 0.5
     """γ_p, weight of the surrogate on T_p \\ T_r (perception-only tokens). Range >= 0, finite. Paper default
-    0.5 (ablation: 0.1-1.5, 0.5 best). Tokens in neither set get weight 0."""
+    0.5 (ablation: 0.1-1.5, 0.5 best). Tokens in neither set get weight 0. With ``mode=tor`` and γ_p = 0, T_p
+    cannot change any weight, so the image-free pass is skipped (``tor/noimg_scored_frac`` = 0)."""
 
     scope: str = "batch"
     """Where the top-ρ ranking happens: ``batch`` (paper: over all response tokens of the rollout batch),
@@ -108,6 +118,23 @@ class ToRConfig:
     and ``perception_only`` (γ_p on T_p), ``random`` (a control: |T_r ∪ T_p| tokens drawn uniformly per scope,
     |T_r| of them weighted γ_r and the rest γ_p, so the weight histogram matches ``tor``; it still runs the
     image-free pass to count T_p) or ``all_tokens`` (weight 1 everywhere: plain GRPO/DAPO through the ToR path)."""
+
+    allow_gae: bool = False
+    """Allow ToR with a critic (``algorithm.adv_estimator=gae``, PPO). ToR then multiplies each token's GAE
+    advantage by its weight w_t ∈ {0, γ_p, γ_r}: the tokens outside T_r ∪ T_p (40-70 % at the paper's ratios) lose
+    their per-token credit, the whitened advantages no longer have mean 0 / std 1 over the tokens that train, and
+    the critic still trains on every token's return. Not what the paper studies (outcome rewards: GRPO, DAPO).
+    Default ``false``: ``gae`` is refused with this reason."""
+    rank_tokens: str = "all"
+    """Which tokens take part in the top-ρ ranking: ``all`` (paper: every valid response token) or
+    ``informative`` (only tokens with a non-zero advantage; ours, not the paper's). In GRPO a group whose rewards
+    are all equal has advantage 0 on every token: those tokens cannot change the policy gradient, yet under
+    ``all`` they use up the ρ budget. ``informative`` selects ceil(ρ·N) of the N informative tokens per scope,
+    gives the others weight 0, and skips the image-free pass for responses without an informative token (counted
+    in ``tor/noimg_scored_frac``); the ``tor/*`` fractions are then over informative tokens. The stage reads the
+    advantages for it, also with ``apply=loss``. Zero means exactly 0: verl's GRPO gives exact zeros to an all-equal
+    group whose reward has an exact float32 mean (0, 0.1, 0.9, 1 with 12 rollouts), but leaves rounding noise
+    (|A| up to ~0.1 for 0.7 × 12) otherwise, and such tokens count as informative."""
 
     seed: int = 0
     """Seed of the deterministic tie-breaking permutation (top-p entropy gives many exact zeros) and of the
@@ -168,20 +195,33 @@ class ToRConfig:
 
         def coerce_float(name: str) -> float:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 fail(name, "give a number")
-            if not math.isfinite(value):
+            # numpy's float32/float16 print as the number that was meant (np.float32(0.3) -> "0.3"), whereas
+            # float() gives their binary value (0.30000001192092896), which would move ceil(ρ·N)
+            number = float(str(value)) if _is_narrow_numpy_float(value) else float(value)
+            if not math.isfinite(number):
                 fail(name, "give a finite number")
-            object.__setattr__(self, name, float(value))  # ints from the command line are fine
-            return float(value)
+            if abs(number) > FLOAT32_MAX or 0 < abs(number) < FLOAT32_TINY:
+                fail(
+                    name,
+                    f"give 0 or a magnitude in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}]: ToR's tensors are float32, "
+                    "where this value overflows to inf or underflows to 0",
+                )
+            object.__setattr__(self, name, number)  # ints (and numpy numbers) from the command line are fine
+            return number
 
-        def check_int(name: str, low: int) -> None:
+        def check_int(name: str, low: int, high: int | None = None) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 fail(name, f"give an integer >= {low}")
+            if high is not None and value >= high:
+                fail(name, f"give an integer < {high} (2**63: it seeds torch generators, which hold int64)")
+            object.__setattr__(self, name, int(value))
 
-        if not isinstance(self.enable, bool):
-            fail("enable", "give true or false")
+        for name in ("enable", "allow_gae"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "give true or false")
         for name in ("reasoning_ratio", "perception_ratio"):
             if not 0.0 <= coerce_float(name) <= 1.0:
                 fail(name, "give a fraction in [0, 1] (paper: 0.3)")
@@ -198,7 +238,7 @@ class ToRConfig:
                 close = difflib.get_close_matches(str(value), choices, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 fail(name, f"choose one of {', '.join(choices)}{hint}")
-        check_int("seed", 0)
+        check_int("seed", 0, SEED_LIMIT)
         check_int("log_token_maps", 0)
         check_int("log_token_maps_rollouts", 1)
 
@@ -217,8 +257,11 @@ class ToRConfig:
     # ------------------------------------------------------------------ derived facts
     @property
     def needs_image_free_pass(self) -> bool:
-        """Whether the extra image-free forward pass is needed (not for reasoning_only / all_tokens)."""
+        """Whether the extra image-free forward pass is needed: not for reasoning_only / all_tokens, nor for
+        ``mode=tor`` with γ_p = 0 (T_p \\ T_r then gets weight 0, and T_r carries its own weight whatever T_p is)."""
         if self.mode in ("reasoning_only", "all_tokens"):
+            return False
+        if self.mode == "tor" and self.perception_weight == 0:
             return False
         return self.perception_ratio > 0
 
@@ -230,6 +273,12 @@ class ToRConfig:
     def field_docs(cls) -> dict[str, str]:
         """Field name -> its attribute docstring (the single source of the docs; the README table is built from it)."""
         return _field_docs(cls)
+
+
+def _is_narrow_numpy_float(value: Any) -> bool:
+    """A numpy float of fewer than 64 bits (numpy is not imported here: this module imports without it)."""
+    dtype = getattr(value, "dtype", None)
+    return type(value).__module__ == "numpy" and getattr(dtype, "kind", "") == "f" and dtype.itemsize < 8
 
 
 @cache

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from verl_tor.config import ToRConfig
+from verl_tor.config import ToRConfig, ToRConfigError
 
 
 @dataclass
@@ -113,6 +113,28 @@ def build_batch(processor, items: list[dict], responses: list[list[torch.Tensor]
     return rows, keys
 
 
+def run_old_policy_pass(model, rows: list[dict], keys: list[str], cfg: ToRConfig, progress: bool, make_scorer=None):
+    """Store the rows in an in-memory TransferQueue and run verl's old-policy pass over them (log-probs + entropy).
+
+    Returns ``(store, scorer, timing)``. ``make_scorer(store)`` gives the worker stand-in (default:
+    ``LocalLogProbScorer``, the model's own forward; ``verl-tor demo`` uses verl's engine forward, ``engine_scorer``).
+    """
+    from verl_tor.stage import rows_to_tensordict
+    from verl_tor.testing import InMemoryKV, LocalLogProbScorer
+
+    store = InMemoryKV()
+    store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
+    scorer = (make_scorer or (lambda kv: LocalLogProbScorer.for_model(kv, model)))(store)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for _ in _progress(range(1), "old-policy pass", enabled=progress):
+        # tor.entropy=top_p: the flag the ToR trainer sets for verl's old-policy pass (verl_tor.engine)
+        top_p = cfg.entropy_top_p if cfg.enable and cfg.entropy == "top_p" else None
+        scorer.compute_old_log_prob(keys, entropy_top_p=top_p)
+    timing["old_log_prob"] = time.perf_counter() - t0
+    return store, scorer, timing
+
+
 def run_tor(
     model,
     processor,
@@ -128,22 +150,21 @@ def run_tor(
     Returns ``(store, metrics, stage tensors, timing, scorer)``; ``scorer.calls`` lists the passes it ran.
 
     ``make_scorer(store)`` gives the worker stand-in for both passes (default: ``LocalLogProbScorer``, the model's
-    own forward; ``verl-tor demo`` uses verl's engine forward, see ``engine_scorer``).
+    own forward; ``verl-tor demo`` uses verl's engine forward, see ``engine_scorer``). Without ``advantages``
+    (``verl-tor inspect``: no rewards) the weights themselves are stored (``apply=loss``), and
+    ``rank_tokens=informative`` is refused.
     """
     from tensordict import TensorDict
 
-    from verl_tor.stage import ToRStage, make_view_builder, rows_to_tensordict
-    from verl_tor.testing import InMemoryKV, KVMeta, LocalLogProbScorer
+    from verl_tor.stage import ToRStage, make_view_builder
+    from verl_tor.testing import KVMeta
 
-    store = InMemoryKV()
-    store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
-    scorer = (make_scorer or (lambda kv: LocalLogProbScorer.for_model(kv, model)))(store)
-    timing: dict[str, float] = {}
-    t0 = time.perf_counter()
-    for _ in _progress(range(1), "old-policy pass", enabled=progress):
-        # tor.entropy=top_p: the flag the ToR trainer sets for verl's old-policy pass (verl_tor.engine)
-        scorer.compute_old_log_prob(keys, entropy_top_p=cfg.entropy_top_p if cfg.entropy == "top_p" else None)
-    timing["old_log_prob"] = time.perf_counter() - t0
+    if advantages is None and cfg.rank_tokens == "informative":
+        raise ToRConfigError(
+            "tor.rank_tokens='informative' ranks tokens with a non-zero advantage, but no advantages were given "
+            "(no rewards). Fix: set tor.rank_tokens=all, or pass the advantages."
+        )
+    store, scorer, timing = run_old_policy_pass(model, rows, keys, cfg, progress, make_scorer)
     if advantages is not None:
         store.kv_batch_put(keys, "train", fields=TensorDict({"advantages": advantages}, batch_size=len(keys)))
     elif cfg.apply == "advantage":
@@ -211,13 +232,20 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
 ) -> DemoResult:
-    """Run the demo; returns the metrics, the two losses and the path of the token map."""
+    """Run the demo; returns the metrics, the losses (stock GRPO and ToR-GRPO) and the path of the token map.
+
+    ``tor.apply=loss`` applies the weights through the trainer's loss wrapper (``verl_tor.loss``). With
+    ``cfg.enable`` False the run is verl's stock GRPO step only: no ToR metrics, one loss, no token map
+    (``html_path`` is ``""``)."""
     from transformers import AutoModelForImageTextToText
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
     from verl.utils import hf_processor
 
     from verl_tor import tiny
 
+    for name, value in (("n_prompts", n_prompts), ("n", n), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"run_demo: {name}={value!r}; give an integer >= 1")
     seconds: dict[str, float] = {}
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
@@ -252,34 +280,41 @@ def run_demo(
     # 4. old-policy pass + the ToR stage, through verl's engine forward (top-p entropy: verl computes it on the
     # packed flash-attn path only, so that case scores with the model's own forward and the same top-p flag)
     make_scorer = engine_scorer(model) if cfg.entropy == "full" else None
-    store, metrics, tensors, timing, scorer = run_tor(
-        model, processor, rows, keys, cfg, progress, advantages=_nest(advantages, mask), make_scorer=make_scorer
-    )
+    nested_advantages = _nest(advantages, mask)
+    if cfg.enable:
+        store, metrics, tensors, timing, scorer = run_tor(
+            model, processor, rows, keys, cfg, progress, advantages=nested_advantages, make_scorer=make_scorer
+        )
+    else:  # tor.enable=false means it: verl's stock GRPO step, no image-free pass, no weights
+        store, scorer, timing = run_old_policy_pass(model, rows, keys, cfg, progress, make_scorer)
+        metrics, tensors = {}, None
     passes = ", ".join(f"{c['partition_id']} ({c['n']} rows)" for c in scorer.calls)
     scorer_name = f"{type(scorer).__name__}: {passes}"
     seconds.update({f"tor_{k}": v for k, v in timing.items()})
 
-    # 5. one loss/backward step through verl's ppo_loss, stock vs ToR
+    # 5. one loss/backward step through verl's ppo_loss, stock vs ToR (ToR applied as the trainer applies it)
     losses = {}
-    weighted = tensors["weights"] * advantages if cfg.apply == "advantage" else None
-    for name, adv in _progress(
-        [("stock GRPO", advantages), (f"ToR-GRPO ({cfg.mode})", weighted if weighted is not None else advantages)],
-        "loss + backward",
-        enabled=progress,
-    ):
-        losses[name] = _loss_step(model, rows, store, keys, adv, mask)
+    arms = [("stock GRPO", advantages, None)]  # (name, advantages, tor_weights)
+    if cfg.enable and cfg.apply == "advantage":  # the stage scaled the stored advantages: w_t·A_t
+        arms.append((f"ToR-GRPO ({cfg.mode})", tensors["weights"] * advantages, None))
+    elif cfg.enable:  # apply=loss: the trainer's loss wrapper folds tor_weights into rollout_is_weights
+        arms.append((f"ToR-GRPO ({cfg.mode})", advantages, tensors["weights"]))
+    for name, arm_advantages, tor_weights in _progress(arms, "loss + backward", enabled=progress):
+        losses[name] = _loss_step(model, rows, store, keys, arm_advantages, mask, tor_weights=tor_weights)
 
-    items_per_row = [p for p in problems for _ in range(n)]
-    html_path = write_token_map(
-        os.path.join(out_dir, "token_map.html"),
-        processor,
-        rows,
-        items_per_row,
-        tensors,
-        metrics,
-        "verl-tor demo: tokens ToR reweights",
-        limit=cfg.log_token_maps_rollouts * 2,
-    )
+    html_path = ""
+    if cfg.enable:
+        items_per_row = [p for p in problems for _ in range(n)]
+        html_path = write_token_map(
+            os.path.join(out_dir, "token_map.html"),
+            processor,
+            rows,
+            items_per_row,
+            tensors,
+            metrics,
+            "verl-tor demo: tokens ToR reweights",
+            limit=cfg.log_token_maps_rollouts * 2,
+        )
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump({"metrics": metrics, "losses": losses, "seconds": seconds}, f, indent=2, sort_keys=True)
     return DemoResult(
@@ -304,11 +339,25 @@ def _nest(padded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _loss_step(model, rows, store, keys, advantages: torch.Tensor, mask: torch.Tensor, config: Any = None):
-    """Current-policy log-probs with grad -> verl's ppo_loss (vanilla, token-mean) -> backward; returns the loss."""
+def _loss_step(
+    model,
+    rows,
+    store,
+    keys,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: Any = None,
+    tor_weights: torch.Tensor | None = None,
+):
+    """Current-policy log-probs with grad -> verl's ppo_loss (vanilla, token-mean) -> backward; returns
+    ``(loss, gradient norm)``. With ``tor_weights`` ((B, T), ``tor.apply=loss``) the loss is the trainer's loss
+    wrapper (``verl_tor.loss.build_tor_loss_fn``: the weights folded into ``rollout_is_weights``)."""
+    from functools import partial
+
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.losses import ppo_loss
 
+    from verl_tor.loss import TOR_WEIGHTS_KEY, build_tor_loss_fn
     from verl_tor.stage import rows_to_tensordict
     from verl_tor.testing import build_actor_config
 
@@ -331,7 +380,11 @@ def _loss_step(model, rows, store, keys, advantages: torch.Tensor, mask: torch.T
     data["advantages"] = _nest(advantages, mask)
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
     config = config or build_actor_config("actor_rollout_ref.actor.loss_agg_mode=token-mean")
-    loss, _ = ppo_loss(config, {"log_probs": log_probs}, data)
+    loss_fn = partial(ppo_loss, config=config)
+    if tor_weights is not None:
+        data[TOR_WEIGHTS_KEY] = _nest(tor_weights, mask)
+        loss_fn = build_tor_loss_fn(config)
+    loss, _ = loss_fn(model_output={"log_probs": log_probs}, data=data)
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
     model.eval()
@@ -351,14 +404,22 @@ def main(args: argparse.Namespace, cfg: ToRConfig) -> int:
     )
     total = time.perf_counter() - t0
     print()
-    print(f"ToR on {result.n_tokens} response tokens ({args.prompts} prompts x {args.n} responses), mode={cfg.mode}")
+    if not cfg.enable:
+        print("tor.enable=false: ToR is off, so this is verl's stock GRPO step (no image-free pass, no token weights,")
+        print(f"no token map) on {result.n_tokens} response tokens ({args.prompts} prompts x {args.n} responses)")
+    else:
+        print(
+            f"ToR on {result.n_tokens} response tokens ({args.prompts} prompts x {args.n} responses), mode={cfg.mode},"
+            f" apply={cfg.apply}"
+        )
     print(f"log-prob passes: {result.scorer}")
-    width = max(len(k) for k in result.metrics)
+    width = max((len(k) for k in result.metrics), default=len("loss: stock GRPO"))
     print(f"{'metric':<{width}}  value")
     for key in sorted(result.metrics):
         print(f"{key:<{width}}  {result.metrics[key]:.4f}")
     for name, (loss, grad_norm) in result.losses.items():
         print(f"{'loss: ' + name:<{width}}  {loss:.6f}  (grad norm {grad_norm:.4f})")
-    print(f"token map: {result.html_path}")
+    if result.html_path:
+        print(f"token map: {result.html_path}")
     print(f"total {total:.1f} s")
     return 0

@@ -67,6 +67,9 @@ def load_items(data_path: str, limit: int) -> list[dict]:
     """The first ``limit`` rows of a verl RL parquet as ``{"messages": [...], "images": [PIL...]}`` items."""
     import pandas as pd
 
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InspectError(f"--limit {limit!r}: give an integer >= 1 (rows of --data to use)")
+
     if not os.path.isfile(data_path):
         raise InspectError(f"--data {data_path!r} does not exist. Fix: pass a verl-format parquet file.")
     frame = pd.read_parquet(data_path)
@@ -76,6 +79,8 @@ def load_items(data_path: str, limit: int) -> list[dict]:
                 f"--data {data_path!r} has no {column!r} column (columns: {list(frame.columns)}). ToR needs prompts "
                 "with images. Fix: preprocess with recipes/data/geo3k.py or verl's examples/data_preprocess."
             )
+    if frame.empty:
+        raise InspectError(f"--data {data_path!r} has no rows. Fix: pass a parquet with at least one prompt.")
     items = []
     for i, record in enumerate(frame.head(limit).to_dict("records")):
         raw_images = record["images"]
@@ -101,17 +106,53 @@ def load_items(data_path: str, limit: int) -> list[dict]:
 
 
 def read_responses(path: str, processor, n_items: int) -> list[list[torch.Tensor]]:
+    """``--responses``: one JSON object per line, ``{"index": <row of --data>, "response": "<text>"}``.
+
+    Every problem names the file, its line (1-based, counting blank lines) and the fix: text that is not JSON, a
+    missing key, an index that is not an integer row of ``--data``, an empty response, a response holding vision
+    tokens (its log-probs could not be aligned with the image-free prompt), a row left without a response.
+    """
+    from verl_tor.views import VisionTokenIds
+
+    vision = set(VisionTokenIds.from_processor(processor).all)
     out: list[list[torch.Tensor]] = [[] for _ in range(n_items)]
+    shape = '{"index": 0, "response": "..."}'
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
+            where = f"--responses {path!r} line {line_no}"
             if not line.strip():
                 continue
-            record = json.loads(line)
-            index = int(record["index"])
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InspectError(
+                    f"{where}: not JSON ({exc.msg}, column {exc.colno}). Fix: one object per line, e.g. {shape}"
+                ) from None
+            if not isinstance(record, dict):
+                raise InspectError(f"{where}: expected a JSON object, got {type(record).__name__}. Fix: {shape}")
+            for key in ("index", "response"):
+                if key not in record:
+                    raise InspectError(f"{where}: missing key {key!r}. Fix: give both keys, e.g. {shape}")
+            index, response = record["index"], record["response"]
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise InspectError(
+                    f"{where}: index {index!r} is not an integer. Fix: give the row of --data as an integer"
+                )
             if not 0 <= index < n_items:
-                raise InspectError(f"--responses {path!r} line {line_no}: index {index} is outside the {n_items} rows")
-            ids = processor.tokenizer.encode(record["response"], add_special_tokens=False)
-            out[index].append(torch.tensor(ids or [processor.tokenizer.eos_token_id]))
+                raise InspectError(
+                    f"{where}: index {index} is outside the {n_items} rows used (--limit). Fix: an index in "
+                    f"[0, {n_items - 1}], or a larger --limit"
+                )
+            if not isinstance(response, str) or not response.strip():
+                raise InspectError(f"{where}: the response is empty or not a string. Fix: give the response's text")
+            ids = processor.tokenizer.encode(response, add_special_tokens=False)
+            bad = sorted({processor.tokenizer.convert_ids_to_tokens(i) for i in ids if i in vision})
+            if bad:
+                raise InspectError(
+                    f"{where}: the response contains vision tokens {bad}; its log-probs cannot be aligned with the "
+                    "image-free prompt. Fix: remove them from the response text"
+                )
+            out[index].append(torch.tensor(ids))
     missing = [i for i, r in enumerate(out) if not r]
     if missing:
         raise InspectError(f"--responses {path!r} has no response for rows {missing[:5]}. Fix: give every row one.")
@@ -134,6 +175,9 @@ def run_inspect(
 
     from verl_tor.demo import build_batch, run_tor, sample_responses, write_token_map
 
+    for flag, value in (("--n", n), ("--max-new-tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InspectError(f"{flag} {value!r}: give an integer >= 1")
     check_checkpoint(model_path)
     items = load_items(data_path, limit)
     processor = hf_processor(model_path)

@@ -26,7 +26,18 @@ ENTROPY_MEAN_SELECTED = "tor/entropy_mean/selected"
 ENTROPY_MEAN_REST = "tor/entropy_mean/rest"
 """Mean entropy over valid tokens outside T_r."""
 NO_IMAGE_FRAC = "tor/no_image_frac"
-"""Fraction of responses whose prompt had no image (their sensitivity is 0)."""
+"""Fraction of responses whose prompt had no image: S_t = 0, and their tokens take no part in the ranking of T_p
+(logged when the image-free pass runs)."""
+NOIMG_SCORED_FRAC = "tor/noimg_scored_frac"
+"""Fraction of responses the image-free pass scored. 0 when the pass is skipped (``mode`` reasoning_only /
+all_tokens, or ``mode=tor`` with γ_p = 0); below 1 with text-only prompts, view fallbacks or
+``rank_tokens=informative`` (responses with advantage 0 everywhere are not scored)."""
+VIEW_FALLBACK_FRAC = "tor/view_fallback_frac"
+"""Fraction of responses whose image-free view could not be built (a response holding vision tokens, a video
+under ``image_view=blank|noise``): S_t = 0 for them, they take no part in T_p, and the step warns once."""
+INFORMATIVE_FRAC = "tor/informative_frac"
+"""Fraction of valid response tokens with a non-zero advantage: the tokens ranked under
+``rank_tokens=informative`` (logged only then)."""
 TIMING_NOIMG = "timing_s/tor_noimg"
 """Seconds spent building the image-free view and scoring it."""
 TIMING_SELECT = "timing_s/tor_select"

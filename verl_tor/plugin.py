@@ -7,10 +7,12 @@ modules from here would be slow and circular (verl is half-imported at that mome
 ==================================================  =====================================================
 target module (verl 0.9.1)                          what verl_tor does there
 ==================================================  =====================================================
-``verl.trainer.ppo.v1``                             registers trainer mode ``tor_sync`` (``verl_tor.trainer``)
+``verl.trainer.ppo.v1``                             registers modes ``tor_sync``, ``tor_colocate_async``
 ``verl.utils.config``                               wraps ``validate_config`` to validate the ``tor`` block
 ``verl.models.transformers.qwen2_vl``               fixes the no-pixel forward bug, only when present
 ``verl.workers.engine.fsdp.transformer_impl``       top-p entropy in the old-policy pass (``tor.entropy=top_p``)
+``verl.utils.tensordict_utils``                     fixes equal-length M-RoPE batches, only when the bug is present
+(``verl_tor.local``, opt-in)                        CPU platform / ``hf`` rollout, only when the environment asks
 ==================================================  =====================================================
 
 verl logs a plugin's import error only at DEBUG; this module logs its own WARNING, and the ToR trainer refuses to
@@ -96,9 +98,9 @@ def _run_hooks(module_name: str) -> None:
 
 # ---------------------------------------------------------------------- the hooks
 def register_trainer_mode() -> None:
-    from verl_tor.trainer import build_trainer_class
+    from verl_tor.trainer import build_trainer_classes
 
-    build_trainer_class()
+    build_trainer_classes()
 
 
 def wrap_validate_config() -> None:
@@ -111,7 +113,10 @@ def wrap_validate_config() -> None:
     @functools.wraps(original)
     def validate_config(config, use_reference_policy, use_critic, *args, **kwargs):
         result = original(config, use_reference_policy, use_critic, *args, **kwargs)
+        from verl_tor.local import validate_local_config
         from verl_tor.trainer import validate_tor_config
+
+        validate_local_config(config)  # before Ray starts: exports what the local backend's workers need
 
         validate_tor_config(config, use_reference_policy=use_reference_policy)
         return result
@@ -127,6 +132,20 @@ def fix_qwen2_vl() -> None:
     apply_qwen2_vl_fix()
 
 
+def fix_mrope_position_ids() -> None:
+    from verl_tor.mrope_fix import apply_mrope_fix
+
+    if "mrope" not in _skipped_fixes():
+        apply_mrope_fix()
+
+
+def _skipped_fixes() -> set[str]:
+    """``VERL_TOR_SKIP_FIXES=mrope,...``: leave those verl bugs in place (to reproduce them; tests)."""
+    import os
+
+    return {name.strip() for name in os.environ.get("VERL_TOR_SKIP_FIXES", "").split(",") if name.strip()}
+
+
 def install_top_p_entropy() -> None:
     from verl_tor.engine import install_top_p_entropy_hook
 
@@ -134,15 +153,26 @@ def install_top_p_entropy() -> None:
 
 
 # ---------------------------------------------------------------------- state
-def check_verl_version() -> str | None:
-    """``None`` when the installed verl is in ``SUPPORTED_VERL``, else the reason."""
+def verl_version() -> str | None:
+    """The version of the verl this process imports: ``verl.__version__`` when verl is imported (set before verl
+    loads its plugins; right for a source checkout on ``PYTHONPATH`` too), else the installed distribution's."""
     from importlib.metadata import PackageNotFoundError, version
 
+    module = sys.modules.get("verl")
+    if getattr(module, "__version__", None):
+        return str(module.__version__)
+    try:
+        return version("verl")
+    except PackageNotFoundError:
+        return None
+
+
+def check_verl_version() -> str | None:
+    """``None`` when the verl in use is in ``SUPPORTED_VERL``, else the reason."""
     from packaging.specifiers import SpecifierSet
 
-    try:
-        installed = version("verl")
-    except PackageNotFoundError:
+    installed = verl_version()
+    if installed is None:
         return "verl is not installed"
     if installed not in SpecifierSet(SUPPORTED_VERL):
         return f"verl {installed} is outside verl_tor's supported range verl{SUPPORTED_VERL}"
@@ -181,6 +211,10 @@ def register() -> None:
     when_imported("verl.utils.config", wrap_validate_config)
     when_imported("verl.models.transformers.qwen2_vl", fix_qwen2_vl)
     when_imported("verl.workers.engine.fsdp.transformer_impl", install_top_p_entropy)
+    when_imported("verl.utils.tensordict_utils", fix_mrope_position_ids)
+    from verl_tor import local
+
+    local.install(when_imported)  # the CPU platform / HF rollout, only where the environment selects them
 
 
 try:

@@ -7,6 +7,11 @@ transformers 5.x the vision tower returns an output object, not a tensor; the wi
 it with ``unpack_visual_output``, the no-pixel branch does not and raises ``AttributeError: ... has no attribute
 'mean'``. Every image-free view, and every text-only sample, goes through that branch.
 
+The bug is in verl's Qwen2-VL module, which verl's ``apply_monkey_patch`` installs for ``model_type`` qwen2_vl and
+qwen2_5_vl (``AFFECTED_MODEL_TYPES``). Qwen3-VL has its own module (``verl/models/transformers/qwen3_vl.py``) whose
+no-pixel branch already unpacks the output: it never reaches this fix (tested in
+``tests/test_model_families_on_cpu.py``).
+
 The fix keeps the dummy forward (same zeros input, same 1×4×4 grid, same ``0.0 * mean()`` that keeps the tower in
 the graph) and only unpacks its output; micro-batches with pixels still run verl's own function unchanged. It is
 applied only when the bug is present (feature detection on verl's source), and it refuses to guess when verl's
@@ -21,9 +26,18 @@ import logging
 
 logger = logging.getLogger("verl_tor")
 
-__all__ = ["apply_qwen2_vl_fix", "revert_qwen2_vl_fix", "is_qwen2_vl_bug_present", "BUGGY_LINE", "FIXED_LINE"]
+__all__ = [
+    "apply_qwen2_vl_fix",
+    "revert_qwen2_vl_fix",
+    "is_qwen2_vl_bug_present",
+    "AFFECTED_MODEL_TYPES",
+    "BUGGY_LINE",
+    "FIXED_LINE",
+]
 
 TARGET = "verl.models.transformers.qwen2_vl"
+AFFECTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+"""The model types whose forward verl routes through ``TARGET`` (``verl.models.transformers.monkey_patch``)."""
 _MEAN = "\n        inputs_embeds = inputs_embeds + 0.0 * image_embeds.mean()"
 BUGGY_LINE = "image_embeds = model.visual(pixel_values, grid_thw=image_grid_thw)" + _MEAN
 """verl 0.9.1's no-pixel branch (two consecutive source lines)."""

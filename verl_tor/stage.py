@@ -28,6 +28,7 @@ from verl_tor import metrics as M
 from verl_tor.config import ToRConfig
 from verl_tor.loss import TOR_WEIGHTS_KEY
 from verl_tor.ops import compute_visual_sensitivity, select_tor_tokens
+from verl_tor.views import ViewError
 
 logger = logging.getLogger("verl_tor")
 
@@ -48,17 +49,23 @@ them from TransferQueue."""
 
 
 class Views(Protocol):
-    """Image-free views of trajectories (``ViewBuilder``): what to read, the view, and rows without an image."""
+    """Image-free views of trajectories (``ViewBuilder``): what to read, which rows have an image, the view, and a
+    placeholder for rows that are not scored."""
 
     fields: tuple[str, ...]
     """The fields to read from TransferQueue for the views."""
 
-    def __call__(self, row: dict) -> dict | None:
-        """The image-free version of one trajectory, or ``None`` when it has no image."""
+    def has_image(self, row: dict) -> bool:
+        """Whether the row's prompt holds an image (cheap: no view is built)."""
         ...
 
-    def complete(self, row: dict) -> dict:
-        """A row without an image, whole, to be scored as it is."""
+    def __call__(self, row: dict, step: int = 0, position: int = 0) -> dict | None:
+        """The image-free version of one trajectory (``None`` when it has no image); ``step`` and ``position`` (the
+        row's place in the batch) seed its randomness. Raises ``verl_tor.views.ViewError`` when it cannot be built."""
+        ...
+
+    def placeholder(self, row: dict) -> dict:
+        """A minimal row (1 prompt token, 1 masked response token) standing in for a row that is not scored."""
         ...
 
 
@@ -105,49 +112,73 @@ class ToRStage:
         """Compute and store the ToR weights of ``batch`` (a ``KVBatchMeta``); return the newest meta.
 
         ``apply=advantage`` rewrites ``advantages`` in place (w_t·A_t); ``apply=loss`` writes ``tor_weights`` for
-        the loss wrapper. Metrics (``tor/*``) go into ``metrics``, timings into ``timing_raw`` (verl turns
-        ``timing_raw[name]`` into ``timing_s/name``).
+        the loss wrapper. Both keep verl's own per-row length (that of the stored ``response_mask``): verl's padding
+        rows (one masked response token) and multi-turn rows (masked tool-observation tokens inside the response)
+        have fewer valid tokens than stored ones. Metrics (``tor/*``) go into ``metrics``, timings into
+        ``timing_raw`` (verl turns ``timing_raw[name]`` into ``timing_s/name``).
         """
         cfg = self.config
         keys, partition = list(batch.keys), batch.partition_id
-        want = ["uid", "response_mask", "entropy", "old_log_probs"]
-        if cfg.apply == "advantage":
-            want.append("advantages")
+        reads_advantages = cfg.apply == "advantage" or cfg.rank_tokens == "informative"
+        want = ["uid", "response_mask", "entropy", "old_log_probs"] + (["advantages"] if reads_advantages else [])
         data = self.store.kv_batch_get(keys=keys, partition_id=partition, select_fields=want)
+        for name in want:
+            if name not in data.keys():
+                raise RuntimeError(
+                    f"ToR: TransferQueue has no {name!r} for this batch; the stage runs after verl's old-policy pass "
+                    "and advantage computation, which write it."
+                )
         response_mask = _padded(data["response_mask"]).to(torch.bool)  # (B, T)
+        lengths = _stored_lengths(data["response_mask"])  # (B,) verl's per-row response length
         old_log_prob = _padded(data["old_log_probs"]).float()  # (B, T)
         entropy = _padded(data["entropy"]).float()  # (B, T) nats
+        advantages = _padded(data["advantages"]).float() if reads_advantages else None  # (B, T)
         index = np.array(_as_list(data["uid"]), dtype=object)
         if len(index) != len(keys):
             raise RuntimeError(f"ToR: got {len(index)} uids for {len(keys)} trajectories")
 
-        sensitivity = None
-        has_image = torch.ones(len(keys), dtype=torch.bool)
+        # The ranked tokens: every valid one (paper), or those that can change the gradient (rank_tokens=informative)
+        ranked = response_mask & (advantages != 0) if cfg.rank_tokens == "informative" else response_mask
+        real = response_mask.any(dim=1)  # verl's dp-padding rows have no valid token: left out of the row fractions
+
+        sensitivity, sensitivity_mask = None, None
+        scored = torch.zeros(len(keys), dtype=torch.bool)
         if cfg.needs_image_free_pass:
             t0 = time.perf_counter()
-            noimg_log_prob, noimg_entropy, has_image = self.score_image_free(batch, response_mask.shape[1])
+            free = self.score_image_free(batch, response_mask.shape[1], step=step, wanted=ranked.any(dim=1))
+            scored = free.scored
             sensitivity = compute_visual_sensitivity(
                 old_log_prob,
-                noimg_log_prob,
+                free.log_prob,
                 method=cfg.sensitivity,
                 entropy=entropy,
-                noimg_entropy=noimg_entropy,
+                noimg_entropy=free.entropy,
                 response_mask=response_mask,
             )
-            # A text-only prompt has no image to be sensitive to: S_t = 0 (the paper's S_t is undefined there).
-            sensitivity = sensitivity * has_image.unsqueeze(1).to(sensitivity.dtype)
+            # Rows not scored (no image, a view that could not be built, nothing to learn) have no S_t: 0, and they
+            # take no part in the ranking of T_p (the paper's S_t is undefined without an image).
+            sensitivity = sensitivity * scored.unsqueeze(1).to(sensitivity.dtype)
+            sensitivity_mask = ranked & scored.unsqueeze(1)
             _add_timing(timing_raw, "tor_noimg", time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        selection = select_tor_tokens(entropy, sensitivity, response_mask, cfg, index=index, step=step)
-        weights, tor_metrics = selection.weights * response_mask, dict(selection.metrics)  # (B, T)
-        # over real trajectories: verl's dp-padding rows (response_mask all 0, no image) would inflate it
-        real = response_mask.any(dim=1)
-        tor_metrics[M.NO_IMAGE_FRAC] = float((~has_image & real).sum() / real.sum()) if bool(real.any()) else 0.0
+        selection = select_tor_tokens(
+            entropy, sensitivity, ranked, cfg, index=index, step=step, sensitivity_mask=sensitivity_mask
+        )
+        weights, tor_metrics = selection.weights * ranked, dict(selection.metrics)  # (B, T)
 
-        lengths = response_mask.sum(dim=1)
+        def row_frac(rows: torch.Tensor) -> float:
+            return float((rows & real).sum() / real.sum()) if bool(real.any()) else 0.0
+
+        tor_metrics[M.NOIMG_SCORED_FRAC] = row_frac(scored)
+        if cfg.needs_image_free_pass:
+            tor_metrics[M.NO_IMAGE_FRAC] = row_frac(~free.has_image)
+            tor_metrics[M.VIEW_FALLBACK_FRAC] = row_frac(free.fallback)
+        if cfg.rank_tokens == "informative":
+            n_valid = int(response_mask.sum())
+            tor_metrics[M.INFORMATIVE_FRAC] = int(ranked.sum()) / n_valid if n_valid else 0.0
+
         if cfg.apply == "advantage":
-            advantages = _padded(data["advantages"]).float()
             out = {"advantages": _to_nested(advantages * weights, lengths, like=data["advantages"])}
         else:
             out = {TOR_WEIGHTS_KEY: _to_nested(weights, lengths, like=data["old_log_probs"])}
@@ -178,35 +209,71 @@ class ToRStage:
         return batch
 
     # ------------------------------------------------------------------ the extra forward pass
-    def score_image_free(self, batch: Any, width: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def score_image_free(
+        self, batch: Any, width: int, step: int = 0, wanted: torch.Tensor | None = None
+    ) -> ImageFreeScores:
         """Log-probs of the same responses with the image removed: ``log π(o_t | ∅, q, o_<t)``.
 
-        Returns:
-            noimg_log_prob: (B, width) float32, 0 on padding (and equal to the with-image log-prob on rows
-                without an image, which are scored as they are).
-            noimg_entropy: (B, width) or None (only for ``sensitivity=entropy_diff``).
-            has_image: (B,) bool.
+        Only rows with an image (and ``wanted``, default all) are scored; every other row is sent as a placeholder
+        of two tokens, so the call keeps verl's row count (divisible by the data-parallel size, which verl's padding
+        ensured) and no worker gets an empty share. A row whose view cannot be built (``ViewError``: vision tokens in
+        its response, a video under ``blank``/``noise``) falls back to not scored, with one warning per step; if
+        that is every row that would be scored, the step fails with that row's error.
+
+        Args:
+            batch: the ``KVBatchMeta`` of the step.
+            width: T, the padded response width of the stage's tensors.
+            step: the training step (seeds ``image_view=noise``, like the tie-breaks).
+            wanted: ``(B,)`` bool, the rows worth scoring (``rank_tokens=informative``: rows with a non-zero
+                advantage).
         """
         keys, partition = list(batch.keys), batch.partition_id
         views = self.build_view
         if views is None:
             raise RuntimeError(f"ToR: tor.mode={self.config.mode!r} needs image-free views, but the stage has none")
         rows = self.store.kv_batch_get(keys=keys, partition_id=partition, select_fields=list(views.fields))
-        view_rows, has_image = [], []
-        for row in tensordict_to_rows(rows):
-            view = views(row)
-            has_image.append(view is not None)
-            # a row without an image is scored as it is (its S_t is set to 0): complete what was not read
-            view_rows.append(view if view is not None else views.complete(row))
-        has_image_t = torch.tensor(has_image, dtype=torch.bool)
+        n = len(keys)
+        wanted = torch.ones(n, dtype=torch.bool) if wanted is None else wanted.to(torch.bool).cpu()
+        has_image, scored, fallback = (torch.zeros(n, dtype=torch.bool) for _ in range(3))
+        view_rows, failures = [], []
+        for i, row in enumerate(tensordict_to_rows(rows)):
+            has_image[i] = views.has_image(row)
+            view = None
+            if has_image[i] and wanted[i]:
+                try:
+                    view = views(row, step=step, position=i)
+                except ViewError as exc:
+                    failures.append((keys[i], exc))
+                    fallback[i] = True
+            scored[i] = view is not None
+            view_rows.append(view if view is not None else views.placeholder(row))
+        if failures:
+            key, exc = failures[0]
+            if not bool(scored.any()):
+                raise ViewError(f"ToR: no response of this batch has an image-free view; row {key!r}: {exc}") from exc
+            logger.warning(
+                "ToR step %d: %d of %d responses with an image have no image-free view and get S_t = 0 "
+                "(counted in %s); first, row %r: %s",
+                step,
+                len(failures),
+                int((has_image & wanted).sum()),
+                M.VIEW_FALLBACK_FRAC,
+                key,
+                exc,
+            )
+        log_prob = torch.zeros(n, width)
+        noimg_entropy = torch.zeros(n, width) if self.config.needs_image_free_entropy else None
+        if not bool(scored.any()):  # nothing to score (text-only or non-informative batch): skip the call
+            return ImageFreeScores(log_prob, noimg_entropy, scored, has_image, fallback)
 
         view_keys = [k + VIEW_KEY_SUFFIX for k in keys]
-        want_entropy = self.config.needs_image_free_entropy
+        want_entropy = noimg_entropy is not None
+        view_td = rows_to_tensordict(view_rows)
         try:
             self.store.kv_batch_put(
                 keys=view_keys,
                 partition_id=VIEW_PARTITION,
-                fields=rows_to_tensordict(view_rows),
+                fields=view_td,
                 tags=[dict(tag) for tag in batch.tags],
             )
             meta = self.make_meta(
@@ -225,13 +292,31 @@ class ToRStage:
             if output is not None and hasattr(output, "__len__") and len(output) != len(view_keys):
                 raise RuntimeError(f"ToR: scorer returned {len(output)} rows for {len(view_keys)}")
             select = ["log_probs"] + (["entropy"] if want_entropy else [])
-            scored = self.store.kv_batch_get(keys=view_keys, partition_id=VIEW_PARTITION, select_fields=select)
-            response_mask = rows["response_mask"]
-            log_prob = _response_padded(scored["log_probs"], response_mask, width)
-            noimg_entropy = _response_padded(scored["entropy"], response_mask, width) if want_entropy else None
+            got = self.store.kv_batch_get(keys=view_keys, partition_id=VIEW_PARTITION, select_fields=select)
+            # slice by the view rows' own response masks (a placeholder's response is 1 token)
+            view_mask = view_td["response_mask"]
+            log_prob = _response_padded(got["log_probs"], view_mask, width) * scored.unsqueeze(1)
+            if want_entropy:
+                noimg_entropy = _response_padded(got["entropy"], view_mask, width) * scored.unsqueeze(1)
         finally:
             self.store.kv_clear(keys=view_keys, partition_id=VIEW_PARTITION)
-        return log_prob, noimg_entropy, has_image_t
+        return ImageFreeScores(log_prob, noimg_entropy, scored, has_image, fallback)
+
+
+@dataclass(frozen=True)
+class ImageFreeScores:
+    """What the image-free pass gives the stage; every tensor is on the CPU."""
+
+    log_prob: torch.Tensor
+    """(B, T) float32 ``log π(o_t | ∅, q, o_<t)`` on scored rows, 0 elsewhere and on padding."""
+    entropy: torch.Tensor | None
+    """(B, T) the image-free entropy (only for ``sensitivity=entropy_diff``), 0 on rows not scored."""
+    scored: torch.Tensor
+    """(B,) bool, the rows whose image-free view was scored."""
+    has_image: torch.Tensor
+    """(B,) bool, the rows whose prompt holds an image."""
+    fallback: torch.Tensor
+    """(B,) bool, rows with an image whose view could not be built (``ViewError``)."""
 
 
 # ---------------------------------------------------------------------- tensor plumbing
@@ -250,8 +335,18 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _stored_lengths(t: torch.Tensor) -> torch.Tensor:
+    """(B,) the stored per-row length of a response field: its jagged length, or the padded width for all rows."""
+    if t.is_nested:
+        return t.offsets().diff()
+    return torch.full((t.shape[0],), t.shape[1], dtype=torch.long)
+
+
 def _to_nested(padded: torch.Tensor, lengths: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B, T) padded -> per-row first ``lengths[i]`` values, in the layout of ``like`` (nested or padded)."""
+    """(B, T) padded -> per-row first ``lengths[i]`` values, in the layout of ``like`` (nested or padded).
+
+    ``lengths`` must be verl's stored per-row lengths (``_stored_lengths`` of ``response_mask``), not the valid-token
+    counts: verl pads and reads every per-token field at that length (``response_to_nested``)."""
     if not like.is_nested:
         return padded.to(like.dtype)
     rows = [padded[i, : int(n)].to(like.dtype) for i, n in enumerate(lengths.tolist())]
@@ -317,49 +412,66 @@ def _add_timing(timing_raw: dict, name: str, seconds: float) -> None:
 
 
 class ViewBuilder:
-    """``row -> image-free row | None`` for ``config.image_view``, bound to the run's processor.
+    """The ``Views`` of ``config.image_view``, bound to the run's processor.
 
     ``fields`` is what the stage reads from TransferQueue for it. ``remove`` (the paper's view) finds the image by
     its tokens, drops the pixels and rebuilds ``input_ids`` / ``attention_mask`` / ``position_ids`` from ``prompts``
     + ``responses``, so it reads neither the pixels (a batch of 6144 rollouts of 1024-patch images carries ~28 GB of
-    float32 ``pixel_values``) nor the fields it rebuilds; ``blank`` and ``noise`` need the pixels. ``complete(row)``
-    gives a row without an image back whole, to be scored as it is.
+    float32 ``pixel_values``) nor the fields it rebuilds; ``blank`` and ``noise`` need the pixels. ``noise`` draws
+    each row's noise from a generator seeded by (``tor.seed``, step, the row's position in the batch), so a resumed
+    run draws the same noise. ``placeholder(row)`` stands in for a row that is not scored.
     """
 
     def __init__(self, config: ToRConfig, processor: Any):
-        from verl_tor.ops import make_generator
         from verl_tor.views import VisionTokenIds
 
         self.config, self.processor = config, processor
         self.token_ids = VisionTokenIds.from_processor(processor)
-        self.generator = make_generator(config.seed, 0, "noise")
         if config.image_view == "remove":
             self.fields = tuple(f for f in VIEW_FIELDS if f not in REBUILT_FIELDS)
             self.out_fields = VIEW_FIELDS
         else:
             self.fields = self.out_fields = (*VIEW_FIELDS, MULTI_MODAL_FIELD)
+        self._placeholder: dict | None = None
 
-    def __call__(self, row: dict) -> dict | None:
+    def has_image(self, row: dict) -> bool:
+        from verl_tor.views import has_image
+
+        return has_image(row, self.token_ids)
+
+    def __call__(self, row: dict, step: int = 0, position: int = 0) -> dict | None:
+        from verl_tor.ops import make_generator
         from verl_tor.views import build_image_free_view
 
         cfg = self.config
-        view = build_image_free_view(row, cfg.image_view, self.token_ids, self.processor, cfg.noise_std, self.generator)
+        generator = make_generator(cfg.seed, step, f"noise/{position}") if cfg.image_view == "noise" else None
+        view = build_image_free_view(row, cfg.image_view, self.token_ids, self.processor, cfg.noise_std, generator)
         if view is None:
             return None
         return {key: view[key] for key in self.out_fields}  # the same fields for every row, in the same order
 
-    def complete(self, row: dict) -> dict:
-        if all(key in row for key in self.out_fields):
-            return {key: row[key] for key in self.out_fields}
-        from verl_tor.views import compute_text_position_ids
+    def placeholder(self, row: dict) -> dict:
+        """Two tokens (an end-of-text prompt and response), response masked as in verl's own padding rows: the
+        engine runs it at no cost and the stage ignores its output. Built once per builder."""
+        if self._placeholder is None:
+            from verl_tor.views import compute_text_position_ids
 
-        input_ids = torch.cat([row["prompts"], row["responses"]])  # verl: input_ids = prompt + response
-        rebuilt = {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
-            "position_ids": compute_text_position_ids(self.processor, input_ids),
-        }
-        return {key: row[key] if key in row else rebuilt[key] for key in self.out_fields}
+            tok = self.processor.tokenizer
+            token = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+            one = torch.tensor([int(token)], dtype=row["prompts"].dtype)
+            input_ids = torch.cat([one, one])
+            full = {
+                "prompts": one,
+                "responses": one.clone(),
+                "response_mask": torch.zeros(1, dtype=row["response_mask"].dtype),
+                "loss_mask": torch.zeros(1, dtype=row["response_mask"].dtype),
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "position_ids": compute_text_position_ids(self.processor, input_ids),
+                MULTI_MODAL_FIELD: {},
+            }
+            self._placeholder = {key: full[key] for key in self.out_fields}
+        return self._placeholder
 
 
 def make_view_builder(config: ToRConfig, processor: Any) -> ViewBuilder:

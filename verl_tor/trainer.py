@@ -1,17 +1,20 @@
-"""The verl-facing trainer: V1 trainer mode ``tor_sync`` = verl's ``PPOTrainerSync`` + the ToR stage.
+"""The verl-facing trainers: V1 trainer modes ``tor_sync`` and ``tor_colocate_async`` = verl's ``sync`` /
+``colocate_async`` trainer + the ToR stage, built by one function (``build_trainer_class``) from one mixin.
 
-Only this module and ``verl_tor.plugin`` touch verl internals. What it relies on in verl 0.9.1 (checked by
-``tests/test_trainer_on_cpu.py`` against the installed source):
+Only this module and ``verl_tor.plugin`` touch verl's trainer. What it relies on in verl (fingerprinted per verl
+version by ``tests/test_verl_contract_on_cpu.py``, listed in ``verl_tor/contract.py``):
 
 - ``verl.trainer.ppo.v1.trainer_base``: ``PPOTrainer.__init__`` (sets ``self.trainer_mode``), ``_compute_old_log_prob``
   (calls ``actor_rollout_wg.compute_log_prob`` with ``calculate_entropy=True``, stores ``old_log_probs``, ``entropy``),
-  ``_compute_advantage`` (stores ``advantages``), ``register_trainer``;
-- ``verl.trainer.ppo.v1.trainer_sync.PPOTrainerSync``;
+  ``_compute_advantage`` (stores ``advantages``), ``register_trainer`` and ``TRAINER_REGISTRY``;
+- the trainer classes verl registers as ``sync`` and ``colocate_async``;
 - ``transfer_queue``'s ``kv_batch_get / kv_batch_put / kv_clear`` and ``KVBatchMeta``;
 - ``verl.workers.utils.losses.ppo_loss`` and the worker's ``set_loss_fn`` (``tor.apply=loss``).
 
-The async trap: verl switches its replay buffer, refill and checkpoint logic on ``trainer_mode != "sync"``; a
-``tor_sync`` trainer is a sync trainer, so ``self.trainer_mode`` reads ``"sync"`` for all of that logic.
+The mode trap: verl switches its replay buffer, refill, prompt persistence and checkpoint logic on
+``self.trainer_mode`` (``!= "sync"``) and reads ``trainer.v1.<trainer_mode>`` for its settings, so each ToR trainer
+presents the name of the verl mode it extends (``tor_sync`` reads ``"sync"``, ``tor_colocate_async`` reads
+``"colocate_async"``); the configured name stays in ``_configured_trainer_mode``.
 """
 
 from __future__ import annotations
@@ -19,13 +22,45 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from verl_tor import SUPPORTED_MODELS
 from verl_tor.config import ToRConfig, ToRConfigError
 from verl_tor.loss import ADVANTAGE_EXACT_LOSS_MODES, LOSS_WRAPPABLE_LOSS_MODES
 
 logger = logging.getLogger("verl_tor")
 
+TOR_TRAINER_MODES: dict[str, str] = {"tor_sync": "sync", "tor_colocate_async": "colocate_async"}
+"""``trainer.v1.trainer_mode`` values that select a ToR trainer -> the verl trainer mode each one extends (and
+presents itself as to verl's mode-keyed logic)."""
+
 TOR_TRAINER_MODE = "tor_sync"
-"""``trainer.v1.trainer_mode`` value that selects the ToR trainer."""
+"""The default ToR trainer mode (the recipes' and ``recipes/config/tor_trainer.yaml``'s)."""
+
+SEPARATE_ASYNC_REASON = (
+    "verl's separate_async trainer computes the old-policy log-probs of the 2nd..Nth mini-batch of a parameter-sync "
+    "cycle by swapping the π_old weights in and out inside PPOTrainerSeparateAsync._compute_old_log_prob; ToR's "
+    "image-free pass runs later, in _compute_advantage, with the current weights, so S_t would compare two different "
+    "policies. ToR would have to score the image-free view inside that π_old window (the stage split into scoring and "
+    "selection), which verl_tor does not do"
+)
+"""Why ``separate_async`` is refused (``validate_tor_config``)."""
+
+_NO_SUM_PI_SQUARED = (
+    "verl's V1 _compute_advantage never reads sum_pi_squared from TransferQueue (even with "
+    "actor.calculate_sum_pi_squared=true), so the estimator raises AssertionError at step 1, with or without ToR"
+)
+REFUSED_ESTIMATORS: dict[str, str] = {
+    "remax": "verl's V1 _compute_advantage never passes reward_baselines (the V1 trainer has no ReMax greedy-baseline "
+    "rollout), so compute_remax_outcome_advantage raises TypeError at step 1, with or without ToR",
+    "gdpo": "verl's V1 _compute_advantage passes only uid to the estimator, not the per-component rewards "
+    "(algorithm.gdpo_reward_keys) GDPO normalises, so it raises AssertionError at step 1, with or without ToR",
+    "optimal_token_baseline": _NO_SUM_PI_SQUARED,
+    "tir_optimal_token_baseline": _NO_SUM_PI_SQUARED,
+}
+"""Advantage estimators registered in verl that its own V1 trainer cannot run (checked on CPU by
+``tests/test_estimator_matrix_on_cpu.py``, ToR off): ToR refuses them before the first rollout instead."""
+
+CRITIC_ESTIMATORS = frozenset({"gae"})
+"""Estimators whose per-token advantages come from a critic: refused unless ``tor.allow_gae=true``."""
 
 TOP_P_STRATEGIES = ("fsdp", "fsdp2")
 """Actor strategies whose engine (``FSDPEngineWithLMHead``) carries the top-p entropy hook (``verl_tor.engine``)."""
@@ -52,11 +87,18 @@ def validate_tor_config(config: Any, use_reference_policy: bool | None = None) -
             "tor.enable=true needs verl's V1 trainer, but trainer.use_v1=false. Fix: set trainer.use_v1=true."
         )
     mode = trainer.v1.trainer_mode
-    if mode != TOR_TRAINER_MODE:
+    if mode in ("separate_async", "tor_separate_async"):
+        raise ToRConfigError(
+            f"tor.enable=true with trainer.v1.trainer_mode={mode!r}: {SEPARATE_ASYNC_REASON}. "
+            f"Fix: use trainer.v1.trainer_mode=tor_colocate_async (or tor_sync)."
+        )
+    if mode not in TOR_TRAINER_MODES:
+        tor_mode = f"tor_{mode}" if f"tor_{mode}" in TOR_TRAINER_MODES else TOR_TRAINER_MODE
         raise ToRConfigError(
             f"tor.enable=true but trainer.v1.trainer_mode={mode!r}: that trainer never runs the ToR stage and "
-            f"would train plain GRPO/DAPO. Fix: set trainer.v1.trainer_mode={TOR_TRAINER_MODE}."
+            f"would train plain GRPO/DAPO. Fix: set trainer.v1.trainer_mode={tor_mode}."
         )
+    check_adv_estimator(str(config.algorithm.adv_estimator), tor)
     actor = config.actor_rollout_ref.actor
     loss_mode = actor.policy_loss.get("loss_mode", "vanilla")
     if tor.apply == "advantage" and tor.mode != "all_tokens" and loss_mode not in ADVANTAGE_EXACT_LOSS_MODES:
@@ -114,6 +156,27 @@ def validate_tor_config(config: Any, use_reference_policy: bool | None = None) -
     return tor
 
 
+def check_adv_estimator(adv_estimator: str, tor: ToRConfig) -> None:
+    """Raise ``ToRConfigError`` when ToR cannot (or, for a critic, should not by default) reweight this estimator.
+
+    Every other estimator in verl's registry, and any a user registers, is accepted: its advantages are per-token
+    tensors the stage multiplies by w_t (``apply=advantage``) or leaves for the loss wrapper (``apply=loss``).
+    """
+    if adv_estimator in REFUSED_ESTIMATORS:
+        raise ToRConfigError(
+            f"tor.enable=true with algorithm.adv_estimator={adv_estimator!r}: {REFUSED_ESTIMATORS[adv_estimator]}. "
+            "ToR refuses it here so the run does not die after its first rollout. Fix: use an estimator verl's V1 "
+            "trainer runs (grpo, rloo, reinforce_plus_plus, opo, gpg, ...)."
+        )
+    if adv_estimator in CRITIC_ESTIMATORS and not tor.allow_gae:
+        raise ToRConfigError(
+            f"tor.enable=true with algorithm.adv_estimator={adv_estimator!r}: a critic's per-token advantages "
+            "multiplied by ToR's 0/γ weights lose most of their per-token signal and no longer have the whitened "
+            "mean 0 / std 1, while the critic still trains on every token; the paper studies outcome rewards "
+            "(GRPO/DAPO). Fix: use an outcome estimator (e.g. grpo), or set tor.allow_gae=true to do it anyway."
+        )
+
+
 def _distillation_enabled(config: Any) -> bool:
     distill = config.get("distillation", None)
     return bool(distill is not None and distill.get("enabled", distill.get("enable", False)))
@@ -124,87 +187,114 @@ def _uses_fused_kernels(config: Any) -> bool:
     return bool(model.get("use_fused_kernels", False))
 
 
-def build_trainer_class():
-    """Define and register the ``tor_sync`` trainer (idempotent). Imports verl's V1 trainer."""
-    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
-    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+class ToRTrainerMixin:
+    """The ToR overrides, mixed in front of a verl trainer class (``build_trainer_class``).
 
-    existing = TRAINER_REGISTRY.get(TOR_TRAINER_MODE)
+    ``__init__`` validates the ``tor`` block and checks the plugin; ``init`` builds the stage (and installs the loss
+    wrapper for ``apply=loss``); ``_compute_old_log_prob`` asks the engine for the top-p entropy when configured;
+    ``_compute_advantage`` runs verl's advantage, then the stage. With ``tor.enable=false`` every override delegates
+    unchanged, so the run is bit-identical to verl's own trainer of the same mode.
+    """
+
+    __verl_tor__ = True
+    verl_trainer_mode: str = "sync"
+    """The verl trainer mode this class extends and presents itself as (set per class by the builder)."""
+
+    def __init__(self, config):
+        from verl_tor import plugin
+
+        self.tor_config = validate_tor_config(config)
+        if self.tor_config.enable:
+            plugin.assert_ready()
+        self.tor_stage = None
+        super().__init__(config)
+
+    # verl keys its async machinery on `self.trainer_mode` and reads `trainer.v1.<trainer_mode>`: present the
+    # verl mode this trainer extends; PPOTrainer.__init__'s assignment of the configured name lands in the setter.
+    @property
+    def trainer_mode(self) -> str:
+        return self.verl_trainer_mode
+
+    @trainer_mode.setter
+    def trainer_mode(self, value: str) -> None:
+        self._configured_trainer_mode = value
+
+    def init(self):
+        super().init()
+        if self.tor_config.enable:
+            self.tor_stage = self._build_tor_stage()
+            if self.tor_config.apply == "loss":
+                self._install_tor_loss()
+
+    def _build_tor_stage(self):
+        return build_stage(self)
+
+    def _install_tor_loss(self):
+        from verl.utils.config import omega_conf_to_dataclass
+
+        from verl_tor.loss import build_tor_loss_fn
+
+        actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
+        self.actor_rollout_wg.set_loss_fn(build_tor_loss_fn(actor_config))
+
+    def _compute_old_log_prob(self, batch, metrics):
+        if not (self.tor_config.enable and self.tor_config.entropy == "top_p"):
+            return super()._compute_old_log_prob(batch, metrics)
+        # Ask the engine hook (verl_tor.plugin) for the paper's top-p entropy in this pass only; the update
+        # pass must keep verl's differentiable full entropy for its entropy bonus.
+        batch.extra_info["tor_entropy_top_p"] = self.tor_config.entropy_top_p
+        try:
+            return super()._compute_old_log_prob(batch, metrics)
+        finally:
+            batch.extra_info.pop("tor_entropy_top_p", None)
+
+    def _compute_advantage(self, batch, metrics):
+        batch = super()._compute_advantage(batch, metrics)
+        if self.tor_stage is None:
+            return batch
+        return self.tor_stage.run(batch, metrics, self.timing_raw, step=self.global_steps)
+
+
+def build_trainer_class(mode: str = TOR_TRAINER_MODE):
+    """Define and register the ToR trainer ``mode`` (a key of ``TOR_TRAINER_MODES``; idempotent).
+
+    The class is ``ToRTrainerMixin`` in front of the class verl registers for the mode it extends
+    (``PPOTrainerSync`` for ``tor_sync``, ``PPOTrainerColocateAsync`` for ``tor_colocate_async``), named
+    ``ToRTrainer<Sync|ColocateAsync>``. Imports verl's V1 trainer.
+    """
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, get_trainer_cls, register_trainer
+
+    if mode not in TOR_TRAINER_MODES:
+        raise ValueError(f"{mode!r} is not a ToR trainer mode. Fix: choose one of {', '.join(TOR_TRAINER_MODES)}.")
+    existing = TRAINER_REGISTRY.get(mode)
     if existing is not None:
         if getattr(existing, "__verl_tor__", False):
             return existing
         raise RuntimeError(
-            f"verl trainer mode {TOR_TRAINER_MODE!r} is already registered to {existing.__module__}."
-            f"{existing.__name__}; verl_tor cannot register its ToR trainer. Uninstall the other plugin."
+            f"verl trainer mode {mode!r} is already registered to {existing.__module__}.{existing.__name__}; "
+            "verl_tor cannot register its ToR trainer. Uninstall the other plugin."
         )
+    verl_mode = TOR_TRAINER_MODES[mode]
+    base = get_trainer_cls(verl_mode)
+    name = "ToRTrainer" + base.__name__.removeprefix("PPOTrainer")
+    cls = type(
+        name,
+        (ToRTrainerMixin, base),
+        {
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"verl's ``{verl_mode}`` trainer ({base.__name__}) with the ToR stage after the advantage.",
+            "verl_trainer_mode": verl_mode,
+        },
+    )
+    register_trainer(mode)(cls)
+    globals()[name] = cls  # importable by name (pickling, tracebacks)
+    return cls
 
-    class ToRTrainerSync(PPOTrainerSync):
-        """verl's synchronous PPO trainer with the ToR stage after the advantage computation.
 
-        With ``tor.enable=false`` every override delegates unchanged, so the run is bit-identical to
-        ``trainer_mode=sync``.
-        """
-
-        __verl_tor__ = True
-
-        def __init__(self, config):
-            from verl_tor import plugin
-
-            self.tor_config = validate_tor_config(config)
-            if self.tor_config.enable:
-                plugin.assert_ready()
-            self.tor_stage = None
-            super().__init__(config)
-
-        # verl keys its async machinery on `trainer_mode != "sync"`: present ourselves as sync.
-        @property
-        def trainer_mode(self) -> str:
-            return "sync"
-
-        @trainer_mode.setter
-        def trainer_mode(self, value: str) -> None:
-            self._configured_trainer_mode = value
-
-        def init(self):
-            super().init()
-            if self.tor_config.enable:
-                self.tor_stage = self._build_tor_stage()
-                if self.tor_config.apply == "loss":
-                    self._install_tor_loss()
-
-        def _build_tor_stage(self):
-            return build_stage(self)
-
-        def _install_tor_loss(self):
-            from verl.utils.config import omega_conf_to_dataclass
-
-            from verl_tor.loss import build_tor_loss_fn
-
-            actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
-            self.actor_rollout_wg.set_loss_fn(build_tor_loss_fn(actor_config))
-
-        def _compute_old_log_prob(self, batch, metrics):
-            if not (self.tor_config.enable and self.tor_config.entropy == "top_p"):
-                return super()._compute_old_log_prob(batch, metrics)
-            # Ask the engine hook (verl_tor.plugin) for the paper's top-p entropy in this pass only; the update
-            # pass must keep verl's differentiable full entropy for its entropy bonus.
-            batch.extra_info["tor_entropy_top_p"] = self.tor_config.entropy_top_p
-            try:
-                return super()._compute_old_log_prob(batch, metrics)
-            finally:
-                batch.extra_info.pop("tor_entropy_top_p", None)
-
-        def _compute_advantage(self, batch, metrics):
-            batch = super()._compute_advantage(batch, metrics)
-            if self.tor_stage is None:
-                return batch
-            return self.tor_stage.run(batch, metrics, self.timing_raw, step=self.global_steps)
-
-    ToRTrainerSync.__module__ = __name__
-    ToRTrainerSync.__qualname__ = "ToRTrainerSync"
-    register_trainer(TOR_TRAINER_MODE)(ToRTrainerSync)
-    globals()["ToRTrainerSync"] = ToRTrainerSync
-    return ToRTrainerSync
+def build_trainer_classes() -> dict[str, type]:
+    """Register every ToR trainer mode (``TOR_TRAINER_MODES``); returns mode -> class."""
+    return {mode: build_trainer_class(mode) for mode in TOR_TRAINER_MODES}
 
 
 def build_stage(trainer: Any):
@@ -227,7 +317,7 @@ def build_stage(trainer: Any):
     if processor is None and cfg.needs_image_free_pass:
         raise ToRConfigError(
             "tor.enable=true but this run has no multimodal processor (a text-only model?): there is no image to "
-            "remove. Fix: train a vision-language model (e.g. Qwen2.5-VL), or set tor.mode=reasoning_only."
+            f"remove. Fix: train a vision-language model ({SUPPORTED_MODELS}), or set tor.mode=reasoning_only."
         )
     return ToRStage(
         config=cfg,

@@ -19,14 +19,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["VisionTokenIds", "build_image_free_view", "compute_text_position_ids"]
+from verl_tor import SUPPORTED_MODELS
+
+__all__ = ["ViewError", "VisionTokenIds", "build_image_free_view", "compute_text_position_ids", "has_image"]
 
 VIEWS = ("remove", "blank", "noise")
 
 
+class ViewError(ValueError):
+    """The image-free view of one trajectory cannot be built (a response with vision tokens, a video under
+    ``blank``/``noise``). The stage gives such a row S_t = 0 and counts it (``tor/view_fallback_frac``)."""
+
+
 @dataclass(frozen=True)
 class VisionTokenIds:
-    """Token ids of Qwen2/2.5-VL's vision markers."""
+    """Token ids of the vision markers Qwen2-VL, Qwen2.5-VL and Qwen3-VL share."""
 
     vision_start: int
     vision_end: int
@@ -47,8 +54,8 @@ class VisionTokenIds:
             token_id = tok.convert_tokens_to_ids(token)
             if token_id is None or token_id == tok.unk_token_id:
                 raise ValueError(
-                    f"the processor's tokenizer has no {token} token: ToR's image-free view supports Qwen2-VL / "
-                    "Qwen2.5-VL processors. Fix: use such a model, or set tor.mode=reasoning_only."
+                    f"the processor's tokenizer has no {token} token: ToR's image-free view supports "
+                    f"{SUPPORTED_MODELS} processors. Fix: use such a model, or set tor.mode=reasoning_only."
                 )
             ids[field_name] = int(token_id)
         return cls(**ids)
@@ -98,6 +105,15 @@ def _black_pixel_values(processor: Any, image_grid_thw: torch.Tensor, like: torc
     return torch.cat(parts).to(like.dtype)
 
 
+def has_image(row: dict, token_ids: VisionTokenIds) -> bool:
+    """Whether a trajectory's prompt holds an image or a video (its vision pad tokens or its pixels)."""
+    mm = row.get("multi_modal_inputs") or {}
+    if "pixel_values" in mm or "pixel_values_videos" in mm:
+        return True
+    pads = torch.tensor([token_ids.image_pad, token_ids.video_pad], dtype=row["prompts"].dtype)
+    return bool(torch.isin(row["prompts"], pads).any())
+
+
 def build_image_free_view(
     row: dict,
     view: str,
@@ -117,22 +133,25 @@ def build_image_free_view(
         generator: seeded generator for ``noise``.
     Returns:
         a new row dict with the same keys; ``responses`` and ``response_mask`` are the same tensors.
+
+    Raises:
+        ViewError: this row's view cannot be built (its response holds vision tokens; a video under ``blank`` or
+            ``noise``); the stage falls back to S_t = 0 for it.
     """
     if view not in VIEWS:
         raise ValueError(f"unknown image view {view!r}; choose one of {VIEWS}")
     prompts, responses = row["prompts"], row["responses"]
+    mm = dict(row.get("multi_modal_inputs") or {})
+    has_video = "pixel_values_videos" in mm or bool((prompts == token_ids.video_pad).any())
+    if not (has_video or has_image(row, token_ids)):
+        return None
     vision = torch.tensor(token_ids.all, dtype=prompts.dtype)
     if torch.isin(responses, vision).any():
-        raise ValueError(
+        raise ViewError(
             "a response contains vision tokens (<|vision_start|>/<|image_pad|>/...): its log-probs cannot be "
             "aligned with an image-free prompt. Fix: stop generation at vision tokens (multi-turn image agents are "
             "not supported by ToR yet)."
         )
-    mm = dict(row.get("multi_modal_inputs") or {})
-    has_video = "pixel_values_videos" in mm or bool((prompts == token_ids.video_pad).any())
-    has_image = "pixel_values" in mm or bool((prompts == token_ids.image_pad).any())
-    if not (has_image or has_video):
-        return None
     out = dict(row)
     if view == "remove":
         new_prompts = prompts[~torch.isin(prompts, vision)]
@@ -146,7 +165,7 @@ def build_image_free_view(
         )
         return out
     if has_video:
-        raise ValueError(
+        raise ViewError(
             f"tor.image_view={view!r} does not support video inputs (pixel_values_videos). "
             "Fix: set tor.image_view=remove."
         )

@@ -222,7 +222,7 @@ def build_rollouts(
                 reasoning=reasoning[i, :n].bool().tolist(),
                 perception=perception[i, :n].bool().tolist(),
                 prompt=prompts[i] if prompts else "",
-                image_png=image_to_png_bytes(images[i]) if images else None,
+                image_png=image_to_png_bytes(images[i]) if images and images[i] is not None else None,
                 title=f"rollout {i}",
             )
         )
@@ -236,9 +236,21 @@ class TrainingTokenMapWriter:
     wandb is a logger, the page is also logged as a ``wandb.Html`` under ``tor/token_map``.
     """
 
-    def __init__(self, every: int, n_rollouts: int, out_dir: str, tokenizer: Any, read_responses, use_wandb: bool):
+    def __init__(
+        self,
+        every: int,
+        n_rollouts: int,
+        out_dir: str,
+        tokenizer: Any,
+        read_responses,
+        use_wandb: bool,
+        read_prompts=None,
+    ):
+        """``read_responses(keys) -> [response ids]``; ``read_prompts(keys) -> ([question text], [PIL image | None])``
+        (optional: the page then shows each rollout's question and figure)."""
         self.every, self.n_rollouts, self.out_dir = every, n_rollouts, out_dir
         self.tokenizer, self.read_responses, self.use_wandb = tokenizer, read_responses, use_wandb
+        self.read_prompts = read_prompts
         self.written: list[str] = []
 
     @classmethod
@@ -254,6 +266,18 @@ class TrainingTokenMapWriter:
             data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["responses"])
             return list(data["responses"].unbind(0))
 
+        processor = getattr(trainer, "processor", None)
+
+        def read_prompts(keys: list[str], partition_id: str = "train") -> tuple[list[str], list[Any]]:
+            fields = ["raw_prompt", "multi_modal_inputs"]
+            data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=fields)
+            texts = [prompt_text(m) for m in _column(data, "raw_prompt", len(keys))]
+            images = [
+                first_image(mm, processor) if processor is not None else None
+                for mm in _column(data, "multi_modal_inputs", len(keys))
+            ]
+            return texts, images
+
         return cls(
             every=trainer.tor_config.log_token_maps,
             n_rollouts=trainer.tor_config.log_token_maps_rollouts,
@@ -261,6 +285,7 @@ class TrainingTokenMapWriter:
             tokenizer=trainer.tokenizer,
             read_responses=read_responses,
             use_wandb="wandb" in loggers,
+            read_prompts=read_prompts,
         )
 
     def __call__(self, step: int, keys: list[str], tensors: dict[str, torch.Tensor | None], **_: Any) -> str | None:
@@ -275,8 +300,17 @@ class TrainingTokenMapWriter:
             reasoning = torch.zeros_like(w, dtype=torch.bool)
         if perception is None:
             perception = torch.zeros_like(w, dtype=torch.bool)
+        prompts, images = self.read_prompts(chosen) if self.read_prompts is not None else (None, None)
         rollouts = build_rollouts(
-            self.tokenizer, responses, tensors["entropy"], tensors.get("sensitivity"), w, reasoning, perception
+            self.tokenizer,
+            responses,
+            tensors["entropy"],
+            tensors.get("sensitivity"),
+            w,
+            reasoning,
+            perception,
+            prompts=prompts,
+            images=images,
         )
         for r, key in zip(rollouts, chosen):
             r.title = key
@@ -303,3 +337,48 @@ class TrainingTokenMapWriter:
             except ImportError:
                 pass
         return path
+
+
+def _column(data: Any, name: str, n: int) -> list:
+    """A field of a TransferQueue batch as a list (``[None] * n`` when no row has it)."""
+    if name not in data.keys():
+        return [None] * n
+    value = data[name]
+    return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
+def prompt_text(messages: Any) -> str:
+    """The text of a chat prompt (verl's ``raw_prompt``: messages whose content is a string or a list of parts)."""
+    if not messages:
+        return ""
+    parts = []
+    for message in messages:
+        content = message.get("content", "") if isinstance(message, dict) else str(message)
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            parts.extend(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return " ".join(p for p in parts if p).replace("<image>", "").strip()
+
+
+def first_image(multi_modal_inputs: Any, processor: Any) -> Any:
+    """The first image of a trajectory, rebuilt exactly from verl's ``multi_modal_inputs`` (``pixel_values`` as
+    Qwen2-VL's image processor patchified and normalised them; ``image_grid_thw``), as a PIL image; ``None`` when
+    the row has no image."""
+    if not multi_modal_inputs or "pixel_values" not in multi_modal_inputs:
+        return None
+    from PIL import Image
+
+    ip = processor.image_processor
+    grid = multi_modal_inputs["image_grid_thw"]
+    t, h, w = (int(x) for x in grid[0].tolist())
+    m, p, tp = int(ip.merge_size), int(ip.patch_size), int(ip.temporal_patch_size)
+    pixels = multi_modal_inputs["pixel_values"][: t * h * w].float()  # (patches, C * tp * p * p)
+    channels = pixels.shape[1] // (tp * p * p)
+    # the inverse of the processor's patchify: (t, tp, C, h/m, m, p, w/m, m, p) -> transpose(0,3,6,4,7,2,1,5,8)
+    frames = pixels.reshape(t, h // m, w // m, m, m, channels, tp, p, p).permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
+    frame = frames.reshape(t * tp, channels, h * p, w * p)[0]
+    mean = torch.tensor(ip.image_mean, dtype=frame.dtype).view(channels, 1, 1)
+    std = torch.tensor(ip.image_std, dtype=frame.dtype).view(channels, 1, 1)
+    rgb = ((frame * std + mean) / float(ip.rescale_factor)).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(rgb.permute(1, 2, 0).numpy())

@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
-# Merge an FSDP checkpoint (verl's model_merger) and score it on MathVerse, MathVision, MathVista, WeMath and
-# HallusionBench from local parquet copies (protocol: verl_tor/evaluate.py).
+# Score a checkpoint on MathVerse, MathVision, MathVista, WeMath and HallusionBench from local parquet copies
+# (protocol: verl_tor/evaluate.py). Either a Hugging Face checkpoint (MODEL_PATH) or an FSDP actor checkpoint
+# (CKPT_DIR), which is merged first with verl's model_merger:
+#   MODEL_PATH=/path/to/hf_checkpoint EVAL_DATA_DIR=~/data/eval bash recipes/eval/evaluate.sh [--k 8]
 #   CKPT_DIR=checkpoints/verl_tor_geo3k/qwen2_5_vl_7b_geo3k_grpo_tor/global_step_300/actor \
 #   EVAL_DATA_DIR=~/data/eval bash recipes/eval/evaluate.sh [--k 8]
+# Results go to OUT (default: <model>/eval_results.json), rewritten after every benchmark.
 set -xeuo pipefail
 
-CKPT_DIR=${CKPT_DIR:?set CKPT_DIR to an FSDP actor checkpoint dir (or MODEL_PATH to a HF checkpoint)}
 EVAL_DATA_DIR=${EVAL_DATA_DIR:-$HOME/data/eval}
 BACKEND=${BACKEND:-vllm}                 # vllm on GPU; hf runs anywhere (slow)
-MERGED_DIR=${MERGED_DIR:-$CKPT_DIR/huggingface_merged}
-OUT=${OUT:-$MERGED_DIR/eval_results.json}
+
+if [[ -n "${MODEL_PATH:-}" ]]; then
+  OUT=${OUT:-$MODEL_PATH/eval_results.json}
+else
+  CKPT_DIR=${CKPT_DIR:?set MODEL_PATH to a Hugging Face checkpoint, or CKPT_DIR to an FSDP actor checkpoint dir}
+  MERGED_DIR=${MERGED_DIR:-$CKPT_DIR/huggingface_merged}
+  OUT=${OUT:-$MERGED_DIR/eval_results.json}
+fi
+# check where the results go before merging or loading anything (the default lives in the merged folder)
+OUT_DIR="$(dirname "$OUT")"
+if [[ -z "${MERGED_DIR:-}" || "$OUT_DIR" != "$MERGED_DIR" ]] && [[ ! -d "$OUT_DIR" ]]; then
+  echo "OUT=$OUT: the folder $OUT_DIR does not exist. Fix: create it, or set OUT elsewhere" >&2
+  exit 2
+fi
 
 if [[ -z "${MODEL_PATH:-}" ]]; then
   if [[ ! -f "$MERGED_DIR/config.json" ]]; then

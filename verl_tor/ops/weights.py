@@ -64,6 +64,7 @@ def select_tor_tokens(
     config: ToRConfig,
     index: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
     step: int = 0,
+    sensitivity_mask: torch.Tensor | None = None,
 ) -> ToRSelection:
     """Rank, select and weight the response tokens of a rollout batch (``tor.mode`` picks the arm).
 
@@ -81,6 +82,11 @@ def select_tor_tokens(
             ``seed``.
         index: ``(B,)`` verl's uid per row; required for ``scope=group``.
         step: training step, mixed with ``config.seed`` into the tie-breaking seed.
+        sensitivity_mask: ``(B, T)`` bool, the tokens that have a visual sensitivity (rows whose prompt has an image
+            and whose image-free view was scored); default: every valid token. T_p is the top ρ_p of these tokens
+            per scope, ceil(ρ_p·N_s) with N_s their count: a token without an image is never a perception token,
+            and a scope without one (a text-only prompt's group or sequence) selects no T_p. Reasoning tokens and
+            the fractions in the metrics still count every valid token.
 
     Returns:
         A ``ToRSelection``. Its metrics (fractions over valid tokens; 0.0 for empty sets, never NaN):
@@ -95,7 +101,7 @@ def select_tor_tokens(
     valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
     if valid.dim() != 2:
         raise ValueError(f"response_mask has shape {tuple(valid.shape)}; expected (B, T).")
-    for name, tensor in (("entropy", entropy), ("sensitivity", sensitivity)):
+    for name, tensor in (("entropy", entropy), ("sensitivity", sensitivity), ("sensitivity_mask", sensitivity_mask)):
         if tensor is not None and tensor.shape != valid.shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(valid.shape)} (response_mask).")
     nothing = torch.zeros_like(valid)
@@ -115,9 +121,13 @@ def select_tor_tokens(
     if cfg.mode in _RANKS_BY_ENTROPY:
         reasoning = _select(entropy, "entropy", cfg.reasoning_ratio, "tor.reasoning_ratio", valid, cfg, index, step)
     perception = nothing
-    if cfg.mode in _RANKS_BY_SENSITIVITY:
+    candidates = valid if sensitivity_mask is None else valid & sensitivity_mask.to(torch.bool)
+    # mode=tor with γ_p = 0 skips T_p (and the image-free pass, config.needs_image_free_pass): T_p \ T_r would get
+    # weight 0 whatever it holds, so its metrics are left out
+    ranks_perception = cfg.mode in _RANKS_BY_SENSITIVITY and not (cfg.mode == "tor" and cfg.perception_weight == 0)
+    if ranks_perception:
         perception = _select(
-            sensitivity, "sensitivity", cfg.perception_ratio, "tor.perception_ratio", valid, cfg, index, step
+            sensitivity, "sensitivity", cfg.perception_ratio, "tor.perception_ratio", candidates, cfg, index, step
         )
 
     if cfg.mode == "random":
@@ -145,7 +155,7 @@ def select_tor_tokens(
         if entropy is not None:
             metrics[M.ENTROPY_MEAN_SELECTED] = _compute_masked_mean(entropy, reasoning)
             metrics[M.ENTROPY_MEAN_REST] = _compute_masked_mean(entropy, valid & ~reasoning)
-    if cfg.mode in _RANKS_BY_SENSITIVITY:
+    if ranks_perception:
         metrics[M.PERCEPTION_FRAC] = frac(perception)
         if cfg.mode != "random":
             metrics[M.SENSITIVITY_THRESHOLD] = (
@@ -153,8 +163,8 @@ def select_tor_tokens(
             )
         if sensitivity is not None:
             metrics[M.SENSITIVITY_MEAN_SELECTED] = _compute_masked_mean(sensitivity, perception)
-            metrics[M.SENSITIVITY_MEAN_REST] = _compute_masked_mean(sensitivity, valid & ~perception)
-    if cfg.mode == "tor":
+            metrics[M.SENSITIVITY_MEAN_REST] = _compute_masked_mean(sensitivity, candidates & ~perception)
+    if cfg.mode == "tor" and ranks_perception:
         metrics[M.OVERLAP_FRAC] = frac(reasoning & perception)
     return ToRSelection(weights=weights, reasoning=reasoning, perception=perception, metrics=metrics)
 
@@ -166,6 +176,7 @@ def compute_tor_weights(
     config: ToRConfig,
     index: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
     step: int = 0,
+    sensitivity_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """ToR token weights and their ``tor/*`` metrics (the arguments are those of ``select_tor_tokens``).
 
@@ -173,7 +184,9 @@ def compute_tor_weights(
         ``weights`` ``(B, T)`` float32 in {0, γ_p, γ_r} ({0, 1} for ``all_tokens``), 0 on padding; ``metrics``
         a dict of python floats, never NaN.
     """
-    selection = select_tor_tokens(entropy, sensitivity, response_mask, config, index=index, step=step)
+    selection = select_tor_tokens(
+        entropy, sensitivity, response_mask, config, index=index, step=step, sensitivity_mask=sensitivity_mask
+    )
     return selection.weights, selection.metrics
 
 
