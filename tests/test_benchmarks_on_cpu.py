@@ -19,6 +19,7 @@ TOY = {
     "bench_entropy_exactness.py": ["--scale", "0.05", "--max-vocab", "4096"],
     "bench_stage.py": ["--sizes", "tiny", "--rollouts", "4", "--response-length", "16", "--repeats", "1"],
     "bench_driver.py": ["--rows", "2", "--response-length", "32", "--image-size", "112", "--repeats", "1"],
+    "bench_grounding.py": ["--problems", "4", "--n", "2"],
     "bench_informative.py": [
         "--prompts",
         "2",

@@ -1,0 +1,67 @@
+"""A tiny Qwen2.5-VL that reads its figure, the synthetic visual-math task it reads, and ToR measured on it.
+
+- ``task``: rectangles whose side lengths appear only in the figure; target responses in the
+  ``<think>…</think> \\boxed{}`` format with the ground truth of every figure-derived character;
+- ``data``: verl's RL parquet (``write_figure_parquet``), rewarded by verl's Geometry3K scorer;
+- ``model``: the figure reader's processor and config, ``FIGURE_READER_CHECKPOINT`` (shipped), ``load_figure_reader``;
+- ``sft``: the deterministic two-stage SFT that made the checkpoint (``python -m verl_tor.figures.sft``);
+- ``evaluate``: accuracy greedy / sampled, with and without the image (``python -m verl_tor.figures.evaluate``);
+- ``measure``: ToR's T_p / T_r against the ground truth, through the real stage (``benchmarks/bench_grounding.py``).
+
+Importing this package imports neither torch nor verl; the functions below load them when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from verl_tor.figures.model import FIGURE_READER_CHECKPOINT
+from verl_tor.figures.task import (
+    DATA_SOURCE,
+    FIGURE_KINDS,
+    KINDS,
+    Problem,
+    Span,
+    build_target,
+    label_response,
+    make_problem,
+    split_seeds,
+)
+
+_LAZY = {
+    "build_figure_processor": "verl_tor.figures.model",
+    "build_figure_reader": "verl_tor.figures.model",
+    "load_figure_reader": "verl_tor.figures.model",
+    "write_figure_parquet": "verl_tor.figures.data",
+    "sample_responses": "verl_tor.figures.evaluate",
+    "evaluate_figure_reader": "verl_tor.figures.evaluate",
+    "evaluate_val": "verl_tor.figures.evaluate",
+    "load_parquet_problems": "verl_tor.figures.evaluate",
+    "CONTROLS": "verl_tor.figures.measure",
+    "measure_tor": "verl_tor.figures.measure",
+    "reference_responses": "verl_tor.figures.measure",
+    "label_tokens": "verl_tor.figures.measure",
+    "SFTConfig": "verl_tor.figures.sft",
+    "train_figure_reader": "verl_tor.figures.sft",
+}
+
+__all__ = [
+    "DATA_SOURCE",
+    "FIGURE_KINDS",
+    "FIGURE_READER_CHECKPOINT",
+    "KINDS",
+    "Problem",
+    "Span",
+    "build_target",
+    "label_response",
+    "make_problem",
+    "split_seeds",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'verl_tor.figures' has no attribute {name!r}")
