@@ -2,14 +2,15 @@
 # verl's real trainer on a laptop: the Geometry3K recipe body (../common.sh) scaled to a tiny Qwen2.5-VL on CPU,
 # with verl_tor's local backend (verl_tor/local/: the `cpu` platform, the `hf` rollout). Sourced by grpo.sh,
 # grpo_tor.sh and dapo_tor.sh; every setting is a variable with a default, and extra hydra overrides follow the script
-# ("$@", last). Prepare the model and data once: python -m verl_tor.local.prepare --out-dir "$CPU_DIR"
+# ("$@", last). Prepare the data once: python -m verl_tor.local.prepare --out-dir "$CPU_DIR"
 # (bash scripts/dev.sh demo does it for you).
 
 export VERL_PLATFORM=cpu              # verl's platform switch -> verl_tor's CPU platform (set before Python starts)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per Ray worker: the actor, rollout and reward share the cores
 # ---- the tiny model and data (verl_tor.local.prepare) ---------------------------------------------------------
 CPU_DIR=${CPU_DIR:-/tmp/verl_tor_cpu}
-MODEL_PATH=${MODEL_PATH:-$CPU_DIR/model}
+# the shipped figure reader (verl_tor/assets/figure_reader/README.md): a 1M-parameter Qwen2.5-VL that reads its figure
+MODEL_PATH=${MODEL_PATH:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/verl_tor/assets/figure_reader}
 DATA_DIR=${DATA_DIR:-$CPU_DIR/data}
 TRAIN_FILES=${TRAIN_FILES:-$DATA_DIR/train.parquet}
 VAL_FILES=${VAL_FILES:-$DATA_DIR/val.parquet}
@@ -21,8 +22,8 @@ UPDATE_BATCH_SIZE=${UPDATE_BATCH_SIZE:-4}       # prompts per actor update: one 
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-16}        # trajectories per forward (no dynamic batch size on CPU)
 LR=${LR:-1e-5}
 MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-256}
-MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-32}
-OVERLONG_BUFFER=${OVERLONG_BUFFER:-8}
+MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-48}        # the task's answers take ~29 tokens
+OVERLONG_BUFFER=${OVERLONG_BUFFER:-12}
 TOTAL_STEPS=${TOTAL_STEPS:-4}
 SEED=${SEED:-1}
 LOGGER=${LOGGER:-'["console"]'}

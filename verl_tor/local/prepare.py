@@ -1,10 +1,12 @@
-"""What a CPU run of verl's trainer reads: a tiny Qwen2.5-VL checkpoint and geometry problems in verl's RL format.
+"""What a CPU run of verl's trainer reads: a tiny Qwen2.5-VL that reads its figure, and its task in verl's RL format.
 
-    python -m verl_tor.local.prepare --out-dir /tmp/verl_tor_cpu     # -> model/, data/train.parquet, data/val.parquet
+    python -m verl_tor.local.prepare --out-dir /tmp/verl_tor_cpu     # -> data/train.parquet, data/val.parquet
 
-The model is ``verl_tor.tiny``'s (saved with ``save_pretrained``, loaded by verl like a hub checkpoint); the data
-uses the schema of ``recipes/data/geo3k.py`` (``data_source=hiyouga/geometry3k``: verl's Geometry3K scorer rewards
-``<think>...</think> \\boxed{}``), with PIL-rendered figures whose numbers are only in the image.
+The model is the shipped figure reader (``verl_tor.figures.FIGURE_READER_CHECKPOINT``: a 1M-parameter Qwen2.5-VL
+trained offline to read the side lengths of a rectangle from its figure; ``save_pretrained`` format, loaded by verl
+like a hub checkpoint). The data are that task's problems (``verl_tor.figures.write_figure_parquet``: the numbers
+are only in the figure, ``data_source=hiyouga/geometry3k`` so verl's Geometry3K scorer rewards
+``<think>...</think> \\boxed{}``), with problem seeds disjoint from the ones the model was trained on.
 """
 
 from __future__ import annotations
@@ -12,61 +14,18 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["prepare", "write_geometry_parquet"]
-
-DATA_SOURCE = "hiyouga/geometry3k"
-INSTRUCTION = "Think inside <think> </think>, then give the final answer in \\boxed{}."
+__all__ = ["prepare"]
 
 
-def write_geometry_parquet(path: str, n: int, seed: int) -> str:
-    """``n`` rendered geometry problems (``verl_tor.tiny.make_geometry_problem``) as one verl parquet file."""
-    import datasets
+def prepare(out_dir: str, seed: int = 0, n_train: int = 256, n_val: int = 32) -> dict[str, str]:
+    """Write ``data/{train,val}.parquet`` under ``out_dir`` (idempotent); returns the model and data paths."""
+    from verl_tor.figures import FIGURE_READER_CHECKPOINT, write_figure_parquet
 
-    from verl_tor.tiny import make_geometry_problem
-
-    rows = {"data_source": [], "prompt": [], "images": [], "ability": [], "reward_model": [], "extra_info": []}
-    for i in range(n):
-        problem = make_geometry_problem(seed + i)
-        answer = f"{problem['answer']:g}"
-        rows["data_source"].append(DATA_SOURCE)
-        rows["prompt"].append([{"role": "user", "content": "<image>" + problem["question"] + " " + INSTRUCTION}])
-        rows["images"].append([problem["image"]])
-        rows["ability"].append("math")
-        rows["reward_model"].append({"style": "rule", "ground_truth": answer})
-        rows["extra_info"].append({"index": i, "answer": answer, "question": problem["question"]})
-    features = datasets.Features(
-        {
-            "data_source": datasets.Value("string"),
-            "prompt": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
-            "images": datasets.Sequence(datasets.Image()),
-            "ability": datasets.Value("string"),
-            "reward_model": {"style": datasets.Value("string"), "ground_truth": datasets.Value("string")},
-            "extra_info": {
-                "index": datasets.Value("int64"),
-                "answer": datasets.Value("string"),
-                "question": datasets.Value("string"),
-            },
-        }
-    )
-    datasets.Dataset.from_dict(rows, features=features).to_parquet(path)
-    return path
-
-
-def prepare(out_dir: str, seed: int = 0, n_train: int = 64, n_val: int = 16) -> dict[str, str]:
-    """Write ``model/`` and ``data/{train,val}.parquet`` under ``out_dir`` (idempotent); returns their paths."""
-    from verl_tor.tiny import save_tiny_checkpoint
-
-    model = os.path.join(out_dir, "model")
     data = os.path.join(out_dir, "data")
-    os.makedirs(data, exist_ok=True)
-    if not os.path.exists(os.path.join(model, "config.json")):
-        save_tiny_checkpoint(model, seed=seed)
-    paths = {"model": model, "train": os.path.join(data, "train.parquet"), "val": os.path.join(data, "val.parquet")}
-    if not os.path.exists(paths["train"]):
-        write_geometry_parquet(paths["train"], n_train, seed=seed)
-    if not os.path.exists(paths["val"]):
-        write_geometry_parquet(paths["val"], n_val, seed=seed + 10_000)
-    return paths
+    paths = {"train": os.path.join(data, "train.parquet"), "val": os.path.join(data, "val.parquet")}
+    if not all(os.path.exists(p) for p in paths.values()):
+        paths.update(write_figure_parquet(data, n_train=n_train, n_val=n_val, seed=seed))
+    return {"model": FIGURE_READER_CHECKPOINT, **paths}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -295,7 +295,7 @@ class HFRolloutServer:
             top_k=top_k if do_sample and top_k > 0 else (0 if do_sample else None),
             top_p=top_p if do_sample else None,
             repetition_penalty=float(sampling_params.get("repetition_penalty", 1.0)),
-            eos_token_id=[] if sampling_params.get("ignore_eos", False) else self.eos_ids,
+            eos_token_id=[] if sampling_params.get("ignore_eos", self.config.ignore_eos) else self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             bad_words_ids=[[t] for t in self.banned_ids] or None,
             return_dict_in_generate=True,
