@@ -11,7 +11,7 @@ from uuid import uuid4
 
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
 
-OBSERVATION = "\nobservation: the answer is 7\n"
+OBSERVATION = "\nobservation: 7\n"
 
 
 class TwoTurnAgentLoop(AgentLoopBase):
@@ -23,17 +23,19 @@ class TwoTurnAgentLoop(AgentLoopBase):
         prompt_ids = await self.ct_build_initial_tokens(messages, images=images, mm_inputs_out={})
         observation = self.tokenizer.encode(OBSERVATION, add_special_tokens=False)
 
+        # the answer first (verl's Geometry3K scorer grades the text up to its \boxed{}), then a short second turn
+        second_budget = 4
         first = await self.server_manager.generate(
             request_id=uuid4().hex,
             prompt_ids=prompt_ids,
-            sampling_params={**sampling_params, "max_tokens": max(1, budget // 3)},
+            sampling_params={**sampling_params, "max_tokens": max(1, budget - len(observation) - second_budget)},
             image_data=images,
         )
         turn1 = list(first.token_ids)
         second = await self.server_manager.generate(
             request_id=uuid4().hex,
             prompt_ids=prompt_ids + turn1 + observation,
-            sampling_params={**sampling_params, "max_tokens": max(1, budget - len(turn1) - len(observation))},
+            sampling_params={**sampling_params, "max_tokens": second_budget},
             image_data=images,
         )
         response = turn1 + observation + list(second.token_ids)

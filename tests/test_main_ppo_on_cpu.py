@@ -110,7 +110,7 @@ def test_training_token_maps_show_each_rollout_with_its_question_and_figure(tor_
     assert_ok(tor_run, 3)
     page = (Path(tor_run.out_dir) / "tor_token_maps" / "step_000001.html").read_text()
     assert page.count("data:image/png;base64,") >= 16  # the figure rebuilt from verl's pixel values, per rollout
-    assert "Find" in page and "<think>" in page.replace("&lt;", "<").replace("&gt;", ">")  # the question's text
+    assert "Find its area." in page  # the question's text, read from verl's raw_prompt
 
 
 def test_rollout_follows_the_actor_and_drifts_without_the_weight_push(cpu_dir, tor_run):
@@ -135,7 +135,7 @@ def test_rollout_follows_the_actor_and_drifts_without_the_weight_push(cpu_dir, t
 def test_tor_disabled_is_bit_identical_to_stock_sync(cpu_dir):
     """``tor_sync`` with ``tor.enable=false`` and stock ``sync``, same seeds: the same metrics, bit for bit.
 
-    One trajectory a step (one prompt, one rollout, REINFORCE++ advantages so the loss is not 0). With more,
+    One trajectory a step (one prompt, one rollout). With more,
     trajectories enter TransferQueue in the order their generations finish, which verl's agent loop does not fix
     (its tasks interleave with tokenisation in a thread pool), and the n identical requests of a prompt are told
     apart only by arrival: the batch's row order, hence the order of float sums, changes from run to run, stock or
@@ -143,7 +143,8 @@ def test_tor_disabled_is_bit_identical_to_stock_sync(cpu_dir):
     equal-length bug, so both runs go through verl_tor's fix (``test_mrope_bug_...``)."""
     env = {"ROLLOUT_BATCH_SIZE": "1", "UPDATE_BATCH_SIZE": "1", "N_RESPONSES": "1", "MICRO_BATCH_SIZE": "1"}
     env["LR"] = "1e-3"
-    overrides = ("algorithm.adv_estimator=reinforce_plus_plus",)
+    # an entropy bonus gives the single trajectory a gradient whatever its advantage, so step 2 runs a moved policy
+    overrides = ("algorithm.adv_estimator=reinforce_plus_plus", "actor_rollout_ref.actor.entropy_coeff=0.01")
     stock = run(cpu_dir, "grpo", "stock_sync", *overrides, **env)
     off = run(cpu_dir, "grpo_tor", "tor_off", *overrides, "tor.enable=False", **env)
     assert_ok(stock, 2)
@@ -154,7 +155,7 @@ def test_tor_disabled_is_bit_identical_to_stock_sync(cpu_dir):
         assert ma.keys() == mb.keys()
         different = {k: (ma[k], mb[k]) for k in ma if not (ma[k] == mb[k] or (_nan(ma[k]) and _nan(mb[k])))}
         assert not different, different
-    assert any(abs(s["actor/pg_loss"]) > 1e-6 for s in off.steps)
+    assert all(s["actor/grad_norm"] > 0 for s in off.steps)
 
 
 def _nan(x) -> bool:

@@ -109,7 +109,7 @@ ENGINE = textwrap.dedent(
     from verl_tor import tiny
     from verl_tor.config import ToRConfig
     from verl_tor.ops import compute_tor_weights
-    from verl_tor.stage import ToRStage, make_view_builder, rows_to_tensordict
+    from verl_tor.stage import ToRStage, compute_row_identities, make_view_builder, rows_to_tensordict
     from verl_tor.testing import (EngineLogProbScorer, InMemoryKV, KVMeta, build_verl_row,
                                   compute_sequence_log_probs, setup_cpu_engine)
     import verl_tor.qwen2_vl_fix as fix
@@ -153,8 +153,10 @@ ENGINE = textwrap.dedent(
     index = np.array([r["uid"] for r in rows], dtype=object)
     # text-only rows have no S_t and take no part in T_p (the stage's rule: verl_tor.stage, recipes README FAQ)
     has_image = torch.tensor([img is not None for _, img, _ in plan])[:, None] & mask.bool()
+    row_keys = compute_row_identities(rows_to_tensordict([{k: r[k] for k in ("prompts", "responses")} for r in rows]),
+                                      len(rows))  # ties are broken by keys of each row's identity, as the stage does
     want, _ = compute_tor_weights(
-        ent, (old - noimg).abs() * mask, mask, cfg, index=index, step=5, sensitivity_mask=has_image
+        ent, (old - noimg).abs() * mask, mask, cfg, index=index, step=5, sensitivity_mask=has_image, row_keys=row_keys
     )
 
     engine = setup_cpu_engine(model)  # applies verl_tor's fix (when the bug is there) and verl's model patch

@@ -338,3 +338,33 @@ def test_all_lists_exactly_the_public_api_of_the_submodules():
         names += module.__all__
     assert sorted(ops.__all__) == sorted(names)
     assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("scope", ["batch", "sequence", "group"])
+@pytest.mark.parametrize("mode", ["tor", "random"])
+def test_row_keys_make_ties_and_the_random_draw_independent_of_row_order(scope, mode):
+    """verl's loop puts rows in the order their generations finish: with ``row_keys`` (the rows' identities) a
+    shuffled batch selects the same tokens of each row, even where the cut falls inside exact-zero ties (top-p
+    entropy) -- without them the seeded permutation of batch positions picks different tied tokens."""
+    gen = torch.Generator().manual_seed(0)
+    b, t = 12, 20
+    entropy = torch.where(torch.rand(b, t, generator=gen) < 0.7, 0.0, torch.rand(b, t, generator=gen))  # 70% ties
+    sensitivity = torch.where(torch.rand(b, t, generator=gen) < 0.5, 0.0, torch.rand(b, t, generator=gen))
+    mask = torch.rand(b, t, generator=gen) < 0.9
+    index = np.array([f"g{i // 4}" for i in range(b)], dtype=object)
+    row_keys = torch.randint(0, 2**62, (b,), generator=gen)
+    cfg = ToRConfig(enable=True, scope=scope, mode=mode)
+    perm = torch.randperm(b, generator=gen)
+
+    def weights(order, keys):
+        w, _ = compute_tor_weights(
+            entropy[order], sensitivity[order], mask[order], cfg, index=index[order.numpy()], step=3, row_keys=keys
+        )
+        return w
+
+    base = torch.arange(b)
+    keyed, shuffled = weights(base, row_keys), weights(perm, row_keys[perm])
+    torch.testing.assert_close(shuffled, keyed[perm], rtol=0, atol=0)
+    assert (keyed > 0).sum() > 0
+    unkeyed, unkeyed_shuffled = weights(base, None), weights(perm, None)
+    assert not torch.equal(unkeyed_shuffled, unkeyed[perm])  # the position-seeded draw depends on the order

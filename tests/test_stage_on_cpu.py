@@ -98,6 +98,7 @@ def run_stage(tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMe
 
 def test_stage_weights_match_an_independent_computation(tiny_model, tiny_processor, batch):
     from verl_tor.ops import compute_tor_weights
+    from verl_tor.stage import compute_row_identities, rows_to_tensordict
 
     cfg = ToRConfig(enable=True, apply="loss", scope="group")
     store, scorer, metrics, _ = run_stage(tiny_model, tiny_processor, batch, cfg)
@@ -117,8 +118,12 @@ def test_stage_weights_match_an_independent_computation(tiny_model, tiny_process
     sensitivity = (old - noimg).abs() * mask
     index = np.array([r["uid"] for r in rows], dtype=object)
     with_image = torch.tensor([image is not None for _, image, _ in plan])[:, None] & mask.bool()
+    # ties are broken by keys of each row's identity (prompt + response ids), as the stage does
+    row_keys = compute_row_identities(
+        rows_to_tensordict([{k: r[k] for k in ("prompts", "responses")} for r in rows]), len(rows)
+    )
     want, want_metrics = compute_tor_weights(
-        entropy, sensitivity, mask, cfg, index=index, step=3, sensitivity_mask=with_image
+        entropy, sensitivity, mask, cfg, index=index, step=3, sensitivity_mask=with_image, row_keys=row_keys
     )
 
     got = torch.nested.to_padded_tensor(store.kv_batch_get(keys, "train", ["tor_weights"])["tor_weights"], 0.0)
@@ -141,7 +146,8 @@ def test_stage_weights_match_an_independent_computation(tiny_model, tiny_process
     assert "multi_modal_inputs" not in views[0]["fields"]
     assert not [fields for _, fields in store.gets if fields and "multi_modal_inputs" in fields]
     # ...and rebuilds input_ids / attention_mask / position_ids from prompts + responses instead of reading them
-    (view_read,) = [f for p, f in store.gets if p == "train" and f and "prompts" in f]
+    # (the other read of prompts: the rows' identities for tie-breaking, verl_tor.stage.IDENTITY_FIELDS)
+    (view_read,) = [f for p, f in store.gets if p == "train" and f and "prompts" in f and "response_mask" in f]
     assert set(view_read) == {"prompts", "responses", "response_mask", "loss_mask"}
     assert "tor_noimg" not in store.data
 

@@ -282,7 +282,12 @@ def test_tor_enabled_stage_runs_after_verl_advantage(kv, apply, tor_mode):
     noimg_padded = torch.stack([torch.nn.functional.pad(noimg[k], (0, width - len(noimg[k]))) for k in meta.keys])
     sensitivity = (old - noimg_padded).abs() * mask
     index = np.array([k.split("_")[0] for k in meta.keys], dtype=object)
-    want_w, want_metrics = compute_tor_weights(entropy, sensitivity, mask, ToRConfig(enable=True), index=index, step=7)
+    from verl_tor.stage import IDENTITY_FIELDS, compute_row_identities
+
+    row_keys = compute_row_identities(kv.kv_batch_get(meta.keys, meta.partition_id, list(IDENTITY_FIELDS)), len(meta))
+    want_w, want_metrics = compute_tor_weights(
+        entropy, sensitivity, mask, ToRConfig(enable=True), index=index, step=7, row_keys=row_keys
+    )
     if apply == "advantage":
         torch.testing.assert_close(padded(kv, meta, "advantages"), stock_adv * want_w)
     else:

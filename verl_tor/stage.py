@@ -48,6 +48,35 @@ REBUILT_FIELDS = ("input_ids", "attention_mask", "position_ids")
 them from TransferQueue."""
 
 
+IDENTITY_FIELDS = ("prompts", "responses", "index")
+"""What identifies a trajectory across runs (verl's uids are random): its dataset row (``index``, which verl's
+``RLHFDataset`` adds to every sample; optional), prompt and response token ids. Ties in the ranking are broken by
+keys of this identity, so a resumed or re-run step selects the same tokens whatever order its rows arrive in."""
+
+
+def compute_row_identities(rows: TensorDict, n: int) -> torch.Tensor:
+    """``(B,)`` int64: a 63-bit blake2b of each trajectory's ``index`` (when present), prompt and response ids."""
+    import hashlib
+
+    columns = {
+        name: list(rows[name].unbind(0)) if name != "index" and torch.is_tensor(rows[name]) else _as_list(rows[name])
+        for name in IDENTITY_FIELDS
+        if name in rows.keys()
+    }
+    if "prompts" not in columns or "responses" not in columns:
+        raise RuntimeError("ToR: TransferQueue has no prompts/responses for this batch (verl's agent loop writes them)")
+    keys = []
+    for i in range(n):
+        h = hashlib.blake2b(digest_size=8)
+        if "index" in columns:
+            h.update(repr(columns["index"][i]).encode())
+        for name in ("prompts", "responses"):
+            ids = columns[name][i]
+            h.update(b"|" + (ids.numpy().astype("<i8").tobytes() if torch.is_tensor(ids) else repr(ids).encode()))
+        keys.append(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
+    return torch.tensor(keys, dtype=torch.int64)
+
+
 class Views(Protocol):
     """Image-free views of trajectories (``ViewBuilder``): what to read, which rows have an image, the view, and a
     placeholder for rows that are not scored."""
@@ -162,8 +191,16 @@ class ToRStage:
             _add_timing(timing_raw, "tor_noimg", time.perf_counter() - t0)
 
         t0 = time.perf_counter()
+        identity = self.store.kv_batch_get(keys=keys, partition_id=partition, select_fields=list(IDENTITY_FIELDS))
         selection = select_tor_tokens(
-            entropy, sensitivity, ranked, cfg, index=index, step=step, sensitivity_mask=sensitivity_mask
+            entropy,
+            sensitivity,
+            ranked,
+            cfg,
+            index=index,
+            step=step,
+            sensitivity_mask=sensitivity_mask,
+            row_keys=compute_row_identities(identity, len(keys)),
         )
         weights, tor_metrics = selection.weights * ranked, dict(selection.metrics)  # (B, T)
 

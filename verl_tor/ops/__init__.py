@@ -12,6 +12,7 @@ from verl_tor.ops.entropy import (
 from verl_tor.ops.select import (
     build_segments,
     compute_selection_threshold,
+    compute_tie_keys,
     count_top_fraction,
     select_top_fraction,
     select_top_k_per_segment,
@@ -26,6 +27,7 @@ __all__ = [
     "build_segments",
     "compute_entropy_from_logits",
     "compute_selection_threshold",
+    "compute_tie_keys",
     "compute_top_p_entropy_from_logits",
     "compute_tor_weights",
     "compute_visual_sensitivity",

@@ -34,6 +34,7 @@ from verl_tor.config import CHOICES
 __all__ = [
     "build_segments",
     "compute_selection_threshold",
+    "compute_tie_keys",
     "count_top_fraction",
     "select_top_fraction",
     "select_top_k_per_segment",
@@ -125,6 +126,7 @@ def select_top_fraction(
     index: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
     seed: int = 0,
     generator: torch.Generator | None = None,
+    tie_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Select exactly ceil(ρ·N) highest-scoring valid tokens in every scope (N = the scope's valid tokens).
 
@@ -137,6 +139,10 @@ def select_top_fraction(
         index: ``(B,)`` uid per row, for ``scope='group'``.
         seed: seeds the tie-breaking permutation when no ``generator`` is given.
         generator: a CPU ``torch.Generator`` for tie-breaking (advanced by the call); overrides ``seed``.
+        tie_keys: ``(B, T)`` int64 in [0, 2^31), optional: tied tokens are taken in increasing key order instead of
+            a seeded permutation of their positions. Keys derived from each token's content
+            (``compute_tie_keys``) make the choice independent of the rows' order in the batch, which verl's loop
+            does not fix (rows reach TransferQueue as their generations finish).
 
     Returns:
         ``(B, T)`` bool on ``scores.device``: the selected tokens. Masked tokens are never selected; an all-masked
@@ -151,7 +157,35 @@ def select_top_fraction(
         per_segment = torch.zeros(num_segments, dtype=torch.long, device=scores.device)
         per_segment.index_add_(0, row_segment, valid.sum(dim=1))  # (S,) N per scope
     k = count_top_fraction(ratio, per_segment)
-    return select_top_k_per_segment(scores, valid, k, row_segment, seed=seed, generator=generator)
+    return select_top_k_per_segment(scores, valid, k, row_segment, seed=seed, generator=generator, tie_keys=tie_keys)
+
+
+def compute_tie_keys(row_keys: torch.Tensor, width: int, salt: int) -> torch.Tensor:
+    """``(B,)`` int64 row identities -> ``(B, T)`` int64 tie-breaking keys in [0, 2^31), one per (row, position).
+
+    A 64-bit finaliser (splitmix64's) of ``row_key ^ salt`` mixed with the position: uniform-looking keys that depend
+    only on the row's identity, the position and ``salt`` (the seed, step and stream), not on where the row sits
+    in the batch. Rows with the same identity get the same keys (their tokens are interchangeable then).
+    """
+    if row_keys.dim() != 1:
+        raise ValueError(f"row_keys has shape {tuple(row_keys.shape)}; expected (B,)")
+    position = torch.arange(width, dtype=torch.int64, device=row_keys.device)
+    x = (row_keys.to(torch.int64) ^ _to_int64(salt)).unsqueeze(1) + position * _to_int64(0x9E3779B97F4A7C15)
+    for multiplier in (0xBF58476D1CE4E5B9, 0x94D049BB133111EB):  # int64 arithmetic wraps, as uint64 would
+        x = (x ^ _shift_right(x, 30 if multiplier == 0xBF58476D1CE4E5B9 else 27)) * _to_int64(multiplier)
+    x = x ^ _shift_right(x, 31)
+    return x & ((1 << 31) - 1)
+
+
+def _to_int64(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic on negative values)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def select_top_k_per_segment(
@@ -161,6 +195,7 @@ def select_top_k_per_segment(
     row_segment: torch.Tensor,
     seed: int = 0,
     generator: torch.Generator | None = None,
+    tie_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Select exactly ``k[s]`` highest-scoring valid tokens of every scope ``s`` (the engine of the module).
 
@@ -169,7 +204,7 @@ def select_top_k_per_segment(
         response_mask: ``(B, T)`` bool or 0/1, valid response tokens.
         k: ``(S,)`` int tensor (or an int when S = 1), tokens to select per scope; clipped to [0, N_s].
         row_segment: ``(B,)`` int64 scope id of each row, in [0, S) (from ``build_segments``).
-        seed, generator: tie-breaking randomness, as in ``select_top_fraction``.
+        seed, generator, tie_keys: tie-breaking, as in ``select_top_fraction``.
 
     Returns:
         ``(B, T)`` bool on ``scores.device``, exactly ``min(k[s], N_s)`` True per scope, all on valid tokens.
@@ -189,18 +224,28 @@ def select_top_k_per_segment(
     filled = torch.where(valid, scores.to(torch.float32), -math.inf)  # (B, T) float32
     if bool(torch.isnan(filled).any()):
         raise ValueError("scores are NaN on some valid tokens. Fix: check the entropy/sensitivity inputs.")
+    if tie_keys is not None and tie_keys.shape != valid.shape:
+        raise ValueError(f"tie_keys has shape {tuple(tie_keys.shape)}; expected {tuple(valid.shape)}")
+    flat_keys = None if tie_keys is None else tie_keys.reshape(-1).to(device=valid.device, dtype=torch.int64)
     if k.numel() == 1:
-        return _select_top_k_global(filled, valid, int(k[0]), generator)
+        return _select_top_k_global(filled, valid, int(k[0]), generator, flat_keys)
     grid = _segment_grid(row_segment, k.numel())
     if grid is None:  # very uneven scopes: a padded grid would waste memory
-        return _select_top_k_segmented(filled, valid, k, row_segment, generator)
+        return _select_top_k_segmented(filled, valid, k, row_segment, generator, flat_keys)
     rows, slots, size = grid  # scope s holds `size` rows side by side: one row of the grid per scope
     width = valid.shape[1]
     grid_scores = filled.new_full((k.numel(), size, width), -math.inf)
     grid_valid = torch.zeros((k.numel(), size, width), dtype=torch.bool, device=valid.device)
     grid_scores[rows, slots] = filled
     grid_valid[rows, slots] = valid
-    chosen = _select_top_k_rows(grid_scores.reshape(k.numel(), -1), grid_valid.reshape(k.numel(), -1), k, generator)
+    grid_keys = None
+    if flat_keys is not None:
+        grid_keys = torch.zeros((k.numel(), size, width), dtype=torch.int64, device=valid.device)
+        grid_keys[rows, slots] = flat_keys.reshape(valid.shape)
+        grid_keys = grid_keys.reshape(-1)
+    chosen = _select_top_k_rows(
+        grid_scores.reshape(k.numel(), -1), grid_valid.reshape(k.numel(), -1), k, generator, grid_keys
+    )
     return chosen.reshape(k.numel(), size, width)[rows, slots]
 
 
@@ -220,7 +265,9 @@ def compute_selection_threshold(scores: torch.Tensor, selected: torch.Tensor) ->
 
 
 # ---------------------------------------------------------------------------------------------------- internals
-def _select_top_k_global(filled: torch.Tensor, valid: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def _select_top_k_global(
+    filled: torch.Tensor, valid: torch.Tensor, k: int, generator: torch.Generator, keys: torch.Tensor | None = None
+) -> torch.Tensor:
     """One scope over the whole batch, linear time: find the cut, take everything above it, draw among its ties.
 
     ``filled`` is the ``(B, T)`` float32 scores with -inf on masked tokens.
@@ -241,7 +288,10 @@ def _select_top_k_global(filled: torch.Tensor, valid: torch.Tensor, k: int, gene
         chosen |= ties
     else:  # 0 < need < n_ties: a uniformly random `need`-subset of the tied tokens
         tied = torch.nonzero(ties).squeeze(1)  # (n_ties,) row-major, so the draw is reproducible
-        pick = torch.randperm(n_ties, generator=generator)[:need].to(tied.device)
+        if keys is None:
+            pick = torch.randperm(n_ties, generator=generator)[:need].to(tied.device)
+        else:  # stable: equal keys (identical rows) keep their row-major order
+            pick = torch.sort(keys[tied], stable=True).indices[:need]
         chosen[tied[pick]] = True
     return chosen.reshape(valid.shape)
 
@@ -295,7 +345,11 @@ def _segment_grid(row_segment: torch.Tensor, num_segments: int) -> tuple[torch.T
 
 
 def _select_top_k_rows(
-    filled: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, generator: torch.Generator
+    filled: torch.Tensor,
+    valid: torch.Tensor,
+    k: torch.Tensor,
+    generator: torch.Generator,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One scope per row, all rows at once: each row's cut from one ``topk``, then a seeded draw among its ties.
 
@@ -314,7 +368,7 @@ def _select_top_k_rows(
     n_ties = ties.sum(dim=1)
     if bool((need < n_ties).any()):
         tied = torch.nonzero(ties.reshape(-1)).squeeze(1)  # (M,) row-major
-        _take_random_ties(chosen.reshape(-1), tied, tied // filled.shape[1], need, n_ties, generator)
+        _take_random_ties(chosen.reshape(-1), tied, tied // filled.shape[1], need, n_ties, generator, keys)
     else:
         chosen |= ties
     return chosen
@@ -327,6 +381,7 @@ def _take_random_ties(
     need: torch.Tensor,
     n_ties: torch.Tensor,
     generator: torch.Generator,
+    keys: torch.Tensor | None = None,
 ) -> None:
     """Set ``chosen[t] = True`` for a uniformly random ``need[s]``-subset of each scope's tied positions (in place).
 
@@ -334,8 +389,11 @@ def _take_random_ties(
     order, and the first ``need`` of them are taken. ``tied`` must be in a fixed (row-major) order for the draw to be
     reproducible.
     """
-    rank_key = torch.randperm(tied.numel(), generator=generator).to(tied.device)
-    order = torch.sort((tied_segment << 32) | rank_key).indices
+    if keys is None:
+        rank_key = torch.randperm(tied.numel(), generator=generator).to(tied.device)
+    else:  # the callers' (flat) positions index the keys; keys < 2^31 fit below the segment bits
+        rank_key = keys[tied]
+    order = torch.sort((tied_segment << 32) | rank_key, stable=True).indices
     tied, tied_segment = tied[order], tied_segment[order]
     tie_start = torch.cumsum(n_ties, 0) - n_ties
     rank = torch.arange(tied.numel(), device=tied.device) - tie_start[tied_segment]
@@ -343,7 +401,12 @@ def _take_random_ties(
 
 
 def _select_top_k_segmented(
-    filled: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, row_segment: torch.Tensor, generator: torch.Generator
+    filled: torch.Tensor,
+    valid: torch.Tensor,
+    k: torch.Tensor,
+    row_segment: torch.Tensor,
+    generator: torch.Generator,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Many scopes at once: one sort of (segment, score) composite keys gives every scope's cut; draw among ties.
 
@@ -375,7 +438,8 @@ def _select_top_k_segmented(
     n_ties = torch.bincount(segment[ties], minlength=num_segments)
     if bool((need < n_ties).any()):
         tied = torch.nonzero(ties).squeeze(1)  # (M,)
-        _take_random_ties(chosen, tied, segment[tied], need, n_ties, generator)
+        tied_keys = None if keys is None else keys[position]  # indexed like `chosen`: valid positions
+        _take_random_ties(chosen, tied, segment[tied], need, n_ties, generator, tied_keys)
     else:
         chosen |= ties
     chosen_flat[position] = chosen

@@ -21,6 +21,7 @@ from verl_tor.config import ToRConfig
 from verl_tor.ops.select import (
     build_segments,
     compute_selection_threshold,
+    compute_tie_keys,
     select_top_fraction,
     select_top_k_per_segment,
 )
@@ -46,6 +47,12 @@ class ToRSelection:
     """``tor/*`` metrics (python floats, never NaN); see ``select_tor_tokens``."""
 
 
+def _stream_salt(seed: int, step: int, stream: str = "") -> int:
+    """A 63-bit salt from (``tor.seed``, training step, stream name): ``make_generator``'s seed, for hashed keys."""
+    digest = hashlib.blake2b(f"verl_tor/{int(seed)}/{int(step)}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 def make_generator(seed: int, step: int, stream: str = "") -> torch.Generator:
     """A CPU generator seeded from (``tor.seed``, training step, stream name), identically in every process.
 
@@ -53,8 +60,7 @@ def make_generator(seed: int, step: int, stream: str = "") -> torch.Generator:
     are independent, so e.g. T_p's tie-breaks do not depend on whether T_r was computed first. blake2b rather than
     ``hash()``: python salts ``hash`` of strings per process.
     """
-    digest = hashlib.blake2b(f"verl_tor/{int(seed)}/{int(step)}/{stream}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.Generator().manual_seed(_stream_salt(seed, step, stream))
 
 
 def select_tor_tokens(
@@ -65,6 +71,7 @@ def select_tor_tokens(
     index: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
     step: int = 0,
     sensitivity_mask: torch.Tensor | None = None,
+    row_keys: torch.Tensor | None = None,
 ) -> ToRSelection:
     """Rank, select and weight the response tokens of a rollout batch (``tor.mode`` picks the arm).
 
@@ -87,6 +94,10 @@ def select_tor_tokens(
             per scope, ceil(ρ_p·N_s) with N_s their count: a token without an image is never a perception token,
             and a scope without one (a text-only prompt's group or sequence) selects no T_p. Reasoning tokens and
             the fractions in the metrics still count every valid token.
+        row_keys: ``(B,)`` int64 identity of each row (e.g. a hash of its prompt and response, as the stage
+            computes it), optional: ties and the ``random`` draw then follow keys of (row identity, position, seed,
+            step, stream) instead of a seeded permutation of batch positions, so the selection does not depend on the
+            order of the rows (verl's loop does not fix it). Default: the seeded permutation.
 
     Returns:
         A ``ToRSelection``. Its metrics (fractions over valid tokens; 0.0 for empty sets, never NaN):
@@ -119,7 +130,9 @@ def select_tor_tokens(
 
     reasoning = nothing
     if cfg.mode in _RANKS_BY_ENTROPY:
-        reasoning = _select(entropy, "entropy", cfg.reasoning_ratio, "tor.reasoning_ratio", valid, cfg, index, step)
+        reasoning = _select(
+            entropy, "entropy", cfg.reasoning_ratio, "tor.reasoning_ratio", valid, cfg, index, step, row_keys
+        )
     perception = nothing
     candidates = valid if sensitivity_mask is None else valid & sensitivity_mask.to(torch.bool)
     # mode=tor with γ_p = 0 skips T_p (and the image-free pass, config.needs_image_free_pass): T_p \ T_r would get
@@ -127,12 +140,20 @@ def select_tor_tokens(
     ranks_perception = cfg.mode in _RANKS_BY_SENSITIVITY and not (cfg.mode == "tor" and cfg.perception_weight == 0)
     if ranks_perception:
         perception = _select(
-            sensitivity, "sensitivity", cfg.perception_ratio, "tor.perception_ratio", candidates, cfg, index, step
+            sensitivity,
+            "sensitivity",
+            cfg.perception_ratio,
+            "tor.perception_ratio",
+            candidates,
+            cfg,
+            index,
+            step,
+            row_keys,
         )
 
     if cfg.mode == "random":
         # Report on the sets that get the weights: the drawn γ_r tokens play T_r, the drawn γ_p tokens T_p.
-        reasoning, perception = _draw_random_tokens(reasoning, perception, valid, cfg, index, step)
+        reasoning, perception = _draw_random_tokens(reasoning, perception, valid, cfg, index, step, row_keys)
     elif cfg.mode == "reasoning_only":
         perception = nothing
     elif cfg.mode == "perception_only":
@@ -177,6 +198,7 @@ def compute_tor_weights(
     index: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
     step: int = 0,
     sensitivity_mask: torch.Tensor | None = None,
+    row_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """ToR token weights and their ``tor/*`` metrics (the arguments are those of ``select_tor_tokens``).
 
@@ -185,7 +207,14 @@ def compute_tor_weights(
         a dict of python floats, never NaN.
     """
     selection = select_tor_tokens(
-        entropy, sensitivity, response_mask, config, index=index, step=step, sensitivity_mask=sensitivity_mask
+        entropy,
+        sensitivity,
+        response_mask,
+        config,
+        index=index,
+        step=step,
+        sensitivity_mask=sensitivity_mask,
+        row_keys=row_keys,
     )
     return selection.weights, selection.metrics
 
@@ -199,6 +228,7 @@ def _select(
     cfg: ToRConfig,
     index: Any,
     step: int,
+    row_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Top-ρ selection of one set (T_r by entropy or T_p by sensitivity), with its own tie-breaking stream."""
     if ratio == 0:
@@ -209,11 +239,22 @@ def _select(
             f"Fix: pass the {name} tensor (B, T)."
         )
     generator = make_generator(cfg.seed, step, name)
-    return select_top_fraction(scores, valid, ratio, scope=cfg.scope, index=index, generator=generator)
+    tie_keys = (
+        None if row_keys is None else compute_tie_keys(row_keys, valid.shape[1], _stream_salt(cfg.seed, step, name))
+    )
+    return select_top_fraction(
+        scores, valid, ratio, scope=cfg.scope, index=index, generator=generator, tie_keys=tie_keys
+    )
 
 
 def _draw_random_tokens(
-    reasoning: torch.Tensor, perception: torch.Tensor, valid: torch.Tensor, cfg: ToRConfig, index: Any, step: int
+    reasoning: torch.Tensor,
+    perception: torch.Tensor,
+    valid: torch.Tensor,
+    cfg: ToRConfig,
+    index: Any,
+    step: int,
+    row_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``random`` control: per scope, |T_r ∪ T_p| valid tokens uniformly at random, |T_r| of them for γ_r.
 
@@ -228,7 +269,11 @@ def _draw_random_tokens(
         counts = torch.zeros(num_segments, dtype=torch.long, device=valid.device)
         return counts.index_add_(0, row_segment, mask.sum(dim=1))
 
-    keys = torch.rand(valid.shape, generator=generator).to(valid.device)  # (B, T) iid U[0, 1)
+    if row_keys is None:
+        keys = torch.rand(valid.shape, generator=generator).to(valid.device)  # (B, T) iid U[0, 1)
+    else:  # the same uniform draw, keyed by (row identity, position): independent of the rows' order
+        hashed = compute_tie_keys(row_keys, valid.shape[1], _stream_salt(cfg.seed, step, "random"))
+        keys = (hashed.to(torch.float64) / float(1 << 31)).to(valid.device)
     n_drawn = count_per_segment(reasoning | perception)  # (S,) |T_r ∪ T_p| per scope
     drawn = select_top_k_per_segment(keys, valid, n_drawn, row_segment, generator=generator)
     drawn_r = select_top_k_per_segment(keys, drawn, count_per_segment(reasoning), row_segment, generator=generator)
