@@ -49,7 +49,9 @@ case "$cmd" in
     ensure_venv
     ensure_system_tools
     set +e
-    "$VENV/bin/python" -m pytest "$@"
+    # Two xdist workers (VERL_TOR_TEST_WORKERS; 0 runs in-process): the loop tests' main_ppo start-up is mostly one
+    # busy core, so two of them overlap on a 2-core machine. Tests sharing a run stay on one worker (xdist_group).
+    "$VENV/bin/python" -m pytest -n "${VERL_TOR_TEST_WORKERS:-2}" --dist loadgroup "$@"
     rc=$?
     set -e
     # pytest exits 5 when it collected no test: that is a broken suite, not a pass.
