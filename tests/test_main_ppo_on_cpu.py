@@ -63,15 +63,15 @@ def training_metrics(step: dict) -> dict:
 @pytest.fixture(scope="session")
 def demo(cpu_dir):
     """``verl-tor demo``'s run (``verl_tor.loop_demo``: ToR-GRPO, a token map every step), here 3 steps with
-    validation and a checkpoint at step 2, and a learning rate large enough that one update visibly moves the
-    policy. Returns (the demo's result, the progress lines it printed)."""
+    validation (its generations dumped) and a checkpoint at step 2, and a learning rate large enough that one update
+    visibly moves the policy. Returns (the demo's result, the progress lines it printed)."""
     from verl_tor.loop_demo import run_loop_demo
 
     lines: list[str] = []
     result = run_loop_demo(
         cpu_dir,
         steps=3,
-        overrides=("tor.log_token_maps_rollouts=16",),
+        overrides=("tor.log_token_maps_rollouts=16", f"trainer.validation_data_dir={cpu_dir}/demo_val"),
         env={"SAVE_FREQ": "2", "TEST_FREQ": "2", "LR": "1e-3"},
         print_fn=lines.append,
     )
@@ -293,6 +293,24 @@ def test_validation_checkpoint_and_resume_reproduce_the_tor_weights(cpu_dir, tor
     means = {k for k in a if "_mean/" in k and not k.startswith("tor/weight")}
     assert {k: a[k] for k in a.keys() - means} == {k: b[k] for k in b.keys() - means}
     assert {k: b[k] for k in means} == pytest.approx({k: a[k] for k in means}, rel=1e-6, abs=1e-9)
+
+
+@SHARED_RUNS
+def test_validation_dump_scores_as_verl_logged_it(cpu_dir, tor_run):
+    """``recipes/cpu_tiny/mini_repro.py`` reads its accuracies from verl's validation dumps: on the demo run's dumps
+    (steps 2 and 3) its reward is the one verl logged, and its accuracy is the share of correct boxed answers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mini_repro", TESTS.parent / "recipes" / "cpu_tiny" / "mini_repro.py")
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+    assert_ok(tor_run, 3)
+    scored = mr.score_validations(os.path.join(cpu_dir, "demo_val"))
+    assert [v["step"] for v in scored] == [2, 3]
+    for v in scored:
+        assert v["n"] == 8  # the module's 8 validation problems, greedy
+        assert v["reward"] == pytest.approx(tor_run.steps[v["step"] - 1][mr.VAL_REWARD], abs=1e-6)
+        assert 0 < v["format"] and v["reward"] == pytest.approx(0.9 * v["accuracy"] + 0.1 * v["format"])
 
 
 def test_tor_colocate_async_through_main_ppo(cpu_dir):

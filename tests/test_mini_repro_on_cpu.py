@@ -2,9 +2,9 @@
 
 The summary maths (mean and min-max over seeds, the training reward of the last steps), the accuracy read back from
 verl's dumped validation generations, the settings guard of an output folder and the PIL plot are checked on
-hand-made inputs; one real ``main_ppo`` run (``informative`` arm, one step, 4 validation problems, marked ``loop``)
-checks the whole path from verl's trainer to ``summary.json``, ``table.md`` and the PNG, and that ``--summarize``
-rebuilds them.
+hand-made inputs; ``run_one`` is checked for the recipe, overrides and variables it gives verl's trainer, and the
+accuracy read-back on a real validation dump of verl's trainer in ``tests/test_main_ppo_on_cpu.py``
+(``test_validation_dump_scores_as_verl_logged_it``: a run of its own here would cost CI another minute).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_summary_is_mean_and_min_max_over_seeds(mr):
     assert frac["mean"] == pytest.approx(statistics.fmean([(0.5 * 10 + 1.0) / 11, 0.25]))
     table = mr.format_table(rows, {"steps": 10})
     assert "| `grpo` | 0.001 | 2 | 0.500 [0.500, 0.500] | 0.800 [0.700, 0.900] | 0.300 [0.200, 0.400] |" in table
-    assert "| `informative` |" in table and "0.39 [0.25, 0.55] ·" in table
+    assert "| `informative` |" in table and "0.40 [0.25, 0.55] · —" in table
 
 
 def test_seeds_validated_at_different_steps_are_refused(mr):
@@ -90,7 +90,7 @@ def test_accuracy_is_verls_geo3k_accuracy_of_the_dumped_generations(mr, tmp_path
         ("<think>The sides are 3 and 5. 3*5=15</think> \\boxed{15}", "15", 1.0),  # right
         ("<think>The sides are 3 and 6. 3*6=18</think> \\boxed{18}", "15", 0.1),  # wrong, in format
         ("The sides are 3 and 5. \\boxed{15}", "15", 0.9),  # right, no <think>
-        ("<think>3*5</think>", "15", 0.1),  # no box
+        ("<think>3*5</think>", "15", 0.0),  # no box: neither right nor in format
     ]
     val_dir = tmp_path / "val_generations"
     val_dir.mkdir()
@@ -100,8 +100,8 @@ def test_accuracy_is_verls_geo3k_accuracy_of_the_dumped_generations(mr, tmp_path
                 f.write(json.dumps({"output": output, "gts": gt, "score": score, "step": step}) + "\n")
     scored = mr.score_validations(str(val_dir))
     assert [s["step"] for s in scored] == [0, 10]
-    assert (scored[0]["accuracy"], scored[0]["format"], scored[0]["n"]) == (0.5, 0.75, 4)
-    assert scored[0]["reward"] == pytest.approx((1.0 + 0.1 + 0.9 + 0.1) / 4)
+    assert (scored[0]["accuracy"], scored[0]["format"], scored[0]["n"]) == (0.5, 0.5, 4)
+    assert scored[0]["reward"] == pytest.approx((1.0 + 0.1 + 0.9 + 0.0) / 4)
     assert (scored[1]["accuracy"], scored[1]["n"]) == (0.5, 2)
 
     with open(val_dir / "12.jsonl", "w") as f:  # a score the Geometry3K reward would not give
@@ -127,7 +127,7 @@ def test_plot_draws_each_arm_in_its_colour(mr, tmp_path):
     mr.draw_accuracy_plot(mr.summarize_runs(hand_records()), str(path), "a title")
     image = Image.open(path).convert("RGB")
     assert image.size[0] == 640 and image.size[1] > 420
-    colours = set(image.getdata())
+    colours = set(image.get_flattened_data())
     for arm in ("grpo", "informative"):
         assert mr.COLORS[arm] in colours, arm
     assert mr.COLORS["tor"] not in colours  # an arm without runs is not drawn
@@ -141,33 +141,47 @@ def test_summarize_refuses_a_folder_without_runs(mr, tmp_path):
         mr.summarize(str(tmp_path))
 
 
-@pytest.mark.loop
-def test_one_real_run_to_table_and_plot(mr, tmp_path):
-    """One main_ppo run (ToR, rank_tokens=informative) through the script: run.json, summary, table, plot."""
-    out = tmp_path / "out"
-    lines: list[str] = []
-    args = ["--out", str(out), "--arms", "informative", "--seeds", "1", "--steps", "1", "--test-freq", "1"]
-    args += ["--val", "4", "--train", "8", "--prompts", "4", "--lrs", "1e-3"]
-    assert mr.main(args, log=lines.append) == 0
-    run = json.loads((out / "runs" / "informative-seed1-lr0.001" / "run.json").read_text())
-    assert run["returncode"] == 0
-    assert "tor.rank_tokens=informative" in run["overrides"] and "tor.seed=1" in run["overrides"]
-    assert [v["step"] for v in run["val"]] == [0, 1] and all(v["n"] == 4 for v in run["val"])
-    assert [t["step"] for t in run["train"]] == [1]
-    assert 0 < run["train"][0]["tor/informative_frac"] <= 1
-    assert 0 < run["train"][0]["tor/reasoning_frac"] <= 0.31
+def test_run_one_runs_the_arm_and_keeps_what_verl_logged(mr, tmp_path, monkeypatch):
+    """``run_one`` gives ``run_cpu_recipe`` the arm's recipe and overrides, the seed, LR and batch as the recipe's
+    variables, and records verl's per-step metrics and the scored validation dumps in ``run.json``; a run verl
+    logged at other steps, or a dump whose reward is not the one verl logged, is an error."""
+    import verl_tor.local.launch as launch
 
-    summary = json.loads((out / "summary.json").read_text())
-    (row,) = summary["arms"]
-    assert row["accuracy"][0]["mean"] == run["val"][0]["accuracy"]
-    table = (out / "table.md").read_text()
-    assert f"| `informative` | 0.001 | 1 | {run['val'][0]['accuracy']:.3f} | {run['val'][1]['accuracy']:.3f} |" in table
-    assert (out / "accuracy.png").stat().st_size > 1000
+    calls = []
+    config = {"steps": 2, "test_freq": 1, "prompts": 4, "responses": 2}
+    output = "<think>The sides are 3 and 5. 3*5=15</think> \\boxed{15}"
 
-    os.remove(out / "table.md")
-    os.remove(out / "accuracy.png")
-    assert mr.main(["--summarize", str(out)], log=lines.append) == 0
-    assert (out / "table.md").read_text() == table and (out / "accuracy.png").exists()
-    # a second call keeps the finished run instead of running it again
-    assert mr.main(args, log=lines.append) == 0
-    assert any("done before, kept" in line for line in lines)
+    def fake_run(recipe, overrides, cpu_dir, experiment, env, on_step):
+        calls.append((recipe, list(overrides), env))
+        val_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("trainer.validation_data_dir="))
+        os.makedirs(val_dir, exist_ok=True)
+        for step in range(3):
+            with open(os.path.join(val_dir, f"{step}.jsonl"), "w") as f:
+                f.write(json.dumps({"output": output, "gts": "15", "score": 1.0, "step": step}) + "\n")
+        steps = [{"step": 0, mr.VAL_REWARD: 1.0}]
+        steps += [{"step": i, mr.VAL_REWARD: 1.0, mr.TRAIN_SCORE: 0.5, "timing_s/step": 1.0} for i in (1, 2)]
+        for step in steps:
+            on_step(step)
+        return launch.LoopRun(returncode=0, steps=steps, seconds=3.0)
+
+    monkeypatch.setattr(launch, "run_cpu_recipe", fake_run)
+    record = mr.run_one(str(tmp_path), config, "perception_only", 3, 2e-4, log=lambda line: None)
+    ((recipe, overrides, env),) = calls
+    assert recipe == "grpo_tor" and "tor.mode=perception_only" in overrides and "tor.seed=3" in overrides
+    assert "trainer.val_before_train=True" in overrides
+    assert env["SEED"] == "3" and env["LR"] == "0.0002" and env["TOTAL_STEPS"] == "2" and env["TEST_FREQ"] == "1"
+    assert (env["ROLLOUT_BATCH_SIZE"], env["UPDATE_BATCH_SIZE"], env["N_RESPONSES"]) == ("4", "4", "2")
+    assert [v["step"] for v in record["val"]] == [0, 1, 2] and record["val"][0]["accuracy"] == 1.0
+    assert [t["step"] for t in record["train"]] == [1, 2]
+    saved = json.loads((tmp_path / "runs" / "perception_only-seed3-lr0.0002" / "run.json").read_text())
+    assert saved == record
+    # a finished run is kept, not run again
+    assert mr.run_one(str(tmp_path), config, "perception_only", 3, 2e-4, log=lambda line: None) == record
+    assert len(calls) == 1
+
+    calls.clear()
+    monkeypatch.setattr(
+        launch, "run_cpu_recipe", lambda *a, **k: launch.LoopRun(returncode=0, steps=[{"step": 0}, {"step": 2}])
+    )
+    with pytest.raises(mr.MiniReproError, match=r"logged steps \[0, 2\], not \[0, 1, 2\]"):
+        mr.run_one(str(tmp_path), config, "grpo", 1, 2e-4, log=lambda line: None)

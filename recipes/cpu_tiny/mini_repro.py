@@ -127,9 +127,12 @@ def prepare_out(out: str, config: dict) -> None:
                 f"--out {out} holds runs made with other settings ({detail}). Fix: use another --out, or the same "
                 "settings to resume."
             )
-        config = {**old, "arms": sorted(set(old["arms"]) | set(config["arms"]), key=list(ARMS).index)}
-        config["seeds"] = sorted(set(old["seeds"]) | set(config["seeds"]))
-        config["lrs"] = sorted(set(old["lrs"]) | set(config["lrs"]))
+        config = {
+            **old,
+            "arms": sorted(set(old["arms"]) | set(config["arms"]), key=list(ARMS).index),
+            "seeds": sorted(set(old["seeds"]) | set(config["seeds"])),
+            "lrs": sorted(set(old["lrs"]) | set(config["lrs"])),
+        }
     data = os.path.join(out, "data")
     if not all(os.path.exists(os.path.join(data, f"{s}.parquet")) for s in ("train", "val")):
         write_figure_parquet(data, n_train=config["n_train"], n_val=config["n_val"], seed=config["data_seed"])
@@ -331,7 +334,7 @@ def format_table(rows: Sequence[dict], config: dict) -> str:
         informative = "—"
         if "tor/informative_frac" in row["tor"]:
             informative = (
-                f"{_fmt(row['tor']['tor/informative_frac'], 2)} · {_fmt(row['tor']['tor/noimg_scored_frac'], 2)}"
+                f"{_fmt(row['tor']['tor/informative_frac'], 2)} · {_fmt(row['tor'].get('tor/noimg_scored_frac'), 2)}"
             )
         lines.append(
             f"| `{row['arm']}` | {row['lr']:g} | {len(row['seeds'])} | {_fmt(curve[0] if curve else None)} | "
