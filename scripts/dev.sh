@@ -49,9 +49,10 @@ case "$cmd" in
     ensure_venv
     ensure_system_tools
     set +e
-    # Two xdist workers (VERL_TOR_TEST_WORKERS; 0 runs in-process): the loop tests' main_ppo start-up is mostly one
-    # busy core, so two of them overlap on a 2-core machine. Tests sharing a run stay on one worker (xdist_group).
-    "$VENV/bin/python" -m pytest -n "${VERL_TOR_TEST_WORKERS:-2}" --dist loadgroup "$@"
+    # Two xdist workers (VERL_TOR_TEST_WORKERS; 0 runs in-process): a main_ppo run's start-up (Ray, then one worker
+    # process after another importing torch and verl) mostly keeps one core busy, so two overlap on 2 cores. Whole
+    # modules go to a worker (loadscope), so the runs a module's tests share are made once.
+    "$VENV/bin/python" -m pytest -n "${VERL_TOR_TEST_WORKERS:-2}" --dist loadscope "$@"
     rc=$?
     set -e
     # pytest exits 5 when it collected no test: that is a broken suite, not a pass.

@@ -46,7 +46,7 @@ TOY = {
 }
 ELSEWHERE = {
     # two main_ppo runs of its own would cost CI ~3 min: its summary runs on the loop tests' stock and ToR runs
-    "bench_loop.py": "tests/test_main_ppo_on_cpu.py::test_bench_loop_summarises_a_stock_and_a_tor_run",
+    "bench_loop.py": "tests/test_main_ppo_stock_on_cpu.py::test_bench_loop_summarises_a_stock_and_a_tor_run",
 }
 
 

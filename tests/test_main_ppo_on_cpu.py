@@ -9,55 +9,18 @@ on 2 cores.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import pytest
-
-from verl_tor.local.launch import LoopRun, run_cpu_recipe
+from loop_support import TESTS, assert_ok, prepare_cpu_dir, run, training_metrics
 
 pytestmark = pytest.mark.loop
-
-TESTS = Path(__file__).resolve().parent
-SHARED_RUNS = pytest.mark.xdist_group("main_ppo_shared_runs")
-"""Tests that read this module's shared runs (``demo``, ``stock_run``): one pytest-xdist worker runs them all, so each
-run happens once; the other loop tests go to whichever worker is free."""
-TIMEOUT = 600
 
 
 @pytest.fixture(scope="session")
 def cpu_dir(tmp_path_factory):
-    from verl_tor.local.prepare import prepare
-
-    out = str(tmp_path_factory.mktemp("cpu"))
-    prepare(out, seed=0, n_train=32, n_val=8)
-    return out
-
-
-def run(cpu_dir: str, recipe: str, experiment: str, *overrides: str, steps: int = 2, **env: str) -> LoopRun:
-    result = run_cpu_recipe(
-        recipe,
-        list(overrides),
-        cpu_dir=cpu_dir,
-        experiment=experiment,
-        env={"TOTAL_STEPS": str(steps), **env},
-        timeout=TIMEOUT,
-    )
-    return result
-
-
-def assert_ok(result: LoopRun, steps: int) -> None:
-    assert result.returncode == 0, f"main_ppo failed (rc {result.returncode}):\n{result.tail(60)}"
-    assert [s["step"] for s in result.steps] == list(range(1, steps + 1)), result.tail(20)
-
-
-# Metrics that measure the machine, not the training: left out of run-to-run comparisons.
-VOLATILE = ("timing_s/", "timing_per_token_ms/", "perf/", "actor/perf/", "global_seqlen/", "throughput")
-
-
-def training_metrics(step: dict) -> dict:
-    return {k: v for k, v in step.items() if not any(part in k for part in VOLATILE)}
+    return prepare_cpu_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +46,6 @@ def tor_run(demo):
     return demo[0].run
 
 
-@SHARED_RUNS
 def test_demo_reports_every_step_of_verls_trainer(demo):
     result, lines = demo
     assert_ok(result.run, 3)
@@ -95,7 +57,6 @@ def test_demo_reports_every_step_of_verls_trainer(demo):
     assert [os.path.basename(m) for m in result.token_maps] == [f"step_{i:06d}.html" for i in (1, 2, 3)]
 
 
-@SHARED_RUNS
 def test_tor_metrics_every_step_and_a_real_policy_loss(tor_run):
     from verl_tor import metrics as M
 
@@ -111,7 +72,6 @@ def test_tor_metrics_every_step_and_a_real_policy_loss(tor_run):
     assert all(s["actor/grad_norm"] > 0 for s in tor_run.steps)
 
 
-@SHARED_RUNS
 def test_training_token_maps_show_each_rollout_with_its_question_and_figure(tor_run):
     assert_ok(tor_run, 3)
     page = (Path(tor_run.out_dir) / "tor_token_maps" / "step_000001.html").read_text()
@@ -119,7 +79,6 @@ def test_training_token_maps_show_each_rollout_with_its_question_and_figure(tor_
     assert "Find its area." in page  # the question's text, read from verl's raw_prompt
 
 
-@SHARED_RUNS
 def test_rollout_follows_the_actor_and_drifts_without_the_weight_push(cpu_dir, tor_run):
     """verl logs |p_rollout - p_actor| of the sampled tokens: ~0 while the hf server gets the weights after every
     update; without the push (``rollout.custom.sync_weights=false``) step 2 samples from step 1's policy."""
@@ -139,114 +98,6 @@ def test_rollout_follows_the_actor_and_drifts_without_the_weight_push(cpu_dir, t
     assert unsynced[1] > 10 * synced[1] and unsynced[1] > 1e-3, (synced, unsynced)
 
 
-ONE_ROW = {"ROLLOUT_BATCH_SIZE": "1", "UPDATE_BATCH_SIZE": "1", "N_RESPONSES": "1", "MICRO_BATCH_SIZE": "1"}
-# an entropy bonus gives the single trajectory a gradient whatever its advantage, so step 2 runs a moved policy
-ONE_ROW_OVERRIDES = ("algorithm.adv_estimator=reinforce_plus_plus", "actor_rollout_ref.actor.entropy_coeff=0.01")
-
-
-@pytest.fixture(scope="session")
-def stock_run(cpu_dir):
-    """Stock verl (``grpo.sh``, ``trainer_mode=sync``), one trajectory a step, 2 steps."""
-    return run(cpu_dir, "grpo", "stock_sync", *ONE_ROW_OVERRIDES, LR="1e-3", **ONE_ROW)
-
-
-@SHARED_RUNS
-def test_tor_disabled_is_bit_identical_to_stock_sync(cpu_dir, stock_run):
-    """``tor_sync`` with ``tor.enable=false`` and stock ``sync``, same seeds: the same metrics, bit for bit.
-
-    One trajectory a step (one prompt, one rollout). With more,
-    trajectories enter TransferQueue in the order their generations finish, which verl's agent loop does not fix
-    (its tasks interleave with tokenisation in a thread pool), and the n identical requests of a prompt are told
-    apart only by arrival: the batch's row order, hence the order of float sums, changes from run to run, stock or
-    not, and metrics then agree to ~1e-7 relative, not bitwise. A single row also hits verl 0.9.1's M-RoPE
-    equal-length bug, so both runs go through verl_tor's fix (``test_mrope_bug_...``)."""
-    stock = stock_run
-    off = run(cpu_dir, "grpo_tor", "tor_off", *ONE_ROW_OVERRIDES, "tor.enable=False", LR="1e-3", **ONE_ROW)
-    assert_ok(stock, 2)
-    assert_ok(off, 2)
-    for a, b in zip(stock.steps, off.steps):
-        ma, mb = training_metrics(a), training_metrics(b)
-        assert not any(k.startswith("tor/") for k in mb)
-        assert ma.keys() == mb.keys()
-        different = {k: (ma[k], mb[k]) for k in ma if not (ma[k] == mb[k] or (_nan(ma[k]) and _nan(mb[k])))}
-        assert not different, different
-    assert all(s["actor/grad_norm"] > 0 for s in off.steps)
-
-
-def _nan(x) -> bool:
-    return isinstance(x, float) and math.isnan(x)
-
-
-@SHARED_RUNS
-def test_bench_loop_summarises_a_stock_and_a_tor_run(stock_run, tor_run):
-    """``benchmarks/bench_loop.py --stock-metrics --tor-metrics`` on this module's runs (its own two runs would cost
-    CI minutes): the phase table with ToR's stage timings, and the whole-step ratio of the medians it prints."""
-    import subprocess
-    import sys
-
-    assert_ok(stock_run, 2)
-    assert_ok(tor_run, 3)
-    proc = subprocess.run(
-        [sys.executable, str(TESTS.parent / "benchmarks" / "bench_loop.py")]
-        + ["--stock-metrics", os.path.join(stock_run.out_dir, "metrics.jsonl")]
-        + ["--tor-metrics", os.path.join(tor_run.out_dir, "metrics.jsonl")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(TESTS.parent)},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
-    assert "# steps measured: stock 1, ToR 2" in proc.stdout
-    stock_step = stock_run.steps[1]["timing_s/step"]
-    tor_step = sorted(s["timing_s/step"] for s in tor_run.steps[1:])
-    assert f"{stock_step:.3f}" in rows["step"]
-    assert f"{(tor_step[0] + tor_step[1]) / 2:.3f}" in rows["step"]  # the median of ToR's two measured steps
-    assert rows["tor_noimg"].split("|")[2].strip() == ""  # stock has no ToR stage ...
-    assert rows["tor_noimg"].rstrip(" |").endswith("%")  # ... and ToR's share of its step is printed
-    ratio = float(proc.stdout.split("whole step, ToR / stock (medians):")[1].split()[0])
-    assert ratio == pytest.approx((tor_step[0] + tor_step[1]) / 2 / stock_step, abs=1e-3)
-
-
-def test_mrope_bug_breaks_stock_sync_without_the_fix(cpu_dir):
-    """verl 0.9.1 + equal-length trajectories: ``train_mini_batch`` fails in ``unbind`` unless verl_tor's fix is on
-    (``VERL_TOR_SKIP_FIXES=mrope`` leaves the bug in place; the run above is the same with the fix)."""
-    broken = run(
-        cpu_dir,
-        "grpo",
-        "stock_sync_unfixed",
-        steps=1,
-        ROLLOUT_BATCH_SIZE="1",
-        UPDATE_BATCH_SIZE="1",
-        N_RESPONSES="1",
-        MICRO_BATCH_SIZE="1",
-        VERL_TOR_SKIP_FIXES="mrope",
-    )
-    assert broken.returncode != 0
-    assert "split_with_sizes" in broken.tail(400), broken.tail(60)
-
-
-def test_tor_loss_wrapper_with_dapo_settings_on_multi_turn_trajectories(cpu_dir):
-    """``tor.apply=loss`` (the loss wrapper on the actor) with DAPO's clip-higher, dynamic sampling (filter_groups
-    on acc) and overlong shaping, on two-turn trajectories (``tests/loop_agents.py``: answer, an observation
-    masked out of the loss, answer): the stage keeps ``tor_weights`` at verl's row length (issue 11)."""
-    result = run(
-        cpu_dir,
-        "dapo_tor",
-        "dapo_loss_two_turn",
-        "tor.apply=loss",
-        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={TESTS / 'loop_agents.yaml'}",
-        "actor_rollout_ref.rollout.agent.default_agent_loop=two_turn_agent",
-        LR="1e-3",
-        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    )
-    assert_ok(result, 2)
-    for step in result.steps:
-        assert step["tor/reasoning_frac"] == pytest.approx(0.3, abs=0.02)
-    assert any(abs(s["actor/pg_loss"]) > 1e-6 for s in result.steps)
-    assert all(s["actor/grad_norm"] > 0 for s in result.steps)
-
-
 def map_cards(path: Path) -> list[tuple]:
     """A token map's rollouts as (figure, [(token hover text, token)]) -- each token's entropy, |Δ log p| and weight
     -- sorted: the cards' titles hold verl's random uids, and rows reach TransferQueue in the order their
@@ -261,7 +112,6 @@ def map_cards(path: Path) -> list[tuple]:
     )
 
 
-@SHARED_RUNS
 def test_validation_checkpoint_and_resume_reproduce_the_tor_weights(cpu_dir, tor_run):
     """The 3-step run validated and saved a checkpoint at step 2; a run resumed from it continues at step 3, and its
     step-3 token map (ToR's weights, entropies and sensitivities of that step) equals the uninterrupted run's."""
@@ -295,7 +145,6 @@ def test_validation_checkpoint_and_resume_reproduce_the_tor_weights(cpu_dir, tor
     assert {k: b[k] for k in means} == pytest.approx({k: a[k] for k in means}, rel=1e-6, abs=1e-9)
 
 
-@SHARED_RUNS
 def test_validation_dump_scores_as_verl_logged_it(cpu_dir, tor_run):
     """``recipes/cpu_tiny/mini_repro.py`` reads its accuracies from verl's validation dumps: on the demo run's dumps
     (steps 2 and 3) its reward is the one verl logged, and its accuracy is the share of correct boxed answers."""
@@ -311,14 +160,3 @@ def test_validation_dump_scores_as_verl_logged_it(cpu_dir, tor_run):
         assert v["n"] == 8  # the module's 8 validation problems, greedy
         assert v["reward"] == pytest.approx(tor_run.steps[v["step"] - 1][mr.VAL_REWARD], abs=1e-6)
         assert 0 < v["format"] and v["reward"] == pytest.approx(0.9 * v["accuracy"] + 0.1 * v["format"])
-
-
-def test_tor_colocate_async_through_main_ppo(cpu_dir):
-    """``trainer.v1.trainer_mode=tor_colocate_async``: verl's colocate_async trainer (one mini-batch a step, its
-    replay buffer) with the ToR stage, through the real loop."""
-    result = run(cpu_dir, "grpo_tor", "colocate", "trainer.v1.trainer_mode=tor_colocate_async", LR="1e-3")
-    assert_ok(result, 2)
-    for step in result.steps:
-        assert step["tor/reasoning_frac"] == pytest.approx(0.3, abs=0.02)
-        assert step["tor/sensitivity_mean/selected"] > step["tor/sensitivity_mean/rest"]
-    assert any(abs(s["actor/pg_loss"]) > 1e-6 for s in result.steps)

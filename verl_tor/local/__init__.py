@@ -11,7 +11,7 @@ workers) runs unchanged on a machine without GPUs or vLLM once verl finds:
 Opt-in and inert otherwise: the plugin calls ``install`` on every ``import verl``; it registers nothing unless the
 environment selects it (``VERL_PLATFORM=cpu``; ``VERL_TOR_ROLLOUT=hf``, which ``validate_local_config`` exports in
 the driver when the config asks for ``rollout.name=hf``, before Ray starts, so every Ray worker inherits it).
-``recipes/cpu_tiny/`` runs it; ``tests/test_main_ppo_on_cpu.py`` tests through it.
+``recipes/cpu_tiny/`` runs it; ``tests/test_main_ppo*_on_cpu.py`` test through it.
 """
 
 from __future__ import annotations
