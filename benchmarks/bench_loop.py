@@ -31,10 +31,20 @@ def read_metrics(path: str) -> list[dict]:
     return read(path)
 
 
+NESTED_IN_ADV = ("tor_noimg", "tor_select")
+"""The ToR stage runs inside verl's ``adv`` timer (``_compute_advantage``); ``adv`` here is verl's own part."""
+
+
 def step_times(steps: list[dict], skip: int) -> dict[str, list[float]]:
-    """Phase -> seconds at every step after the first ``skip`` (``timing_s/<phase>``)."""
-    kept = [s for s in steps if s["step"] > skip]
-    return {p: [s[f"timing_s/{p}"] for s in kept if f"timing_s/{p}" in s] for p in PHASES}
+    """Phase -> seconds at every training step after the first ``skip`` (``timing_s/<phase>``; a validation-only
+    step 0 has no ``timing_s/step`` and is left out). ``adv`` is verl's advantage alone: the ToR stage timed inside
+    it (``NESTED_IN_ADV``) is subtracted, so the phases add up to the step."""
+    kept = [s for s in steps if s["step"] > skip and "timing_s/step" in s]
+    times = {p: [s[f"timing_s/{p}"] for s in kept if f"timing_s/{p}" in s] for p in PHASES}
+    times["adv"] = [
+        s["timing_s/adv"] - sum(s.get(f"timing_s/{p}", 0.0) for p in NESTED_IN_ADV) for s in kept if "timing_s/adv" in s
+    ]
+    return times
 
 
 def summarize(stock: list[dict], tor: list[dict], skip: int = 1) -> list[dict]:
@@ -63,6 +73,7 @@ def print_table(rows: list[dict], n_stock: int, n_tor: int) -> None:
     for r in rows:
         share = "" if r["share_of_tor_step"] is None else f"{100 * r['share_of_tor_step']:.1f}%"
         print(f"| {r['phase']} | {_fmt(r['stock'])} | {_fmt(r['tor'])} | {share} |")
+    print("\n`adv` is verl's advantage alone: the ToR stage runs inside verl's `adv` timer and is subtracted from it.")
     if step["stock"] and step["tor"]:
         print(f"\nwhole step, ToR / stock (medians): {step['tor'][0] / step['stock'][0]:.3f}")
 
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         stock, tor = run_pair(args.steps, args.seed, out_dir)
         print(f"# runs: {out_dir}/runs/bench_grpo, {out_dir}/runs/bench_grpo_tor")
     rows = summarize(stock, tor, skip=1)
-    print_table(rows, len(stock) - 1, len(tor) - 1)
+    print_table(rows, len(step_times(stock, 1)["step"]), len(step_times(tor, 1)["step"]))
     return 0
 
 
