@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         both = m.reasoning & m.perception
         agree = m.share(m.reasoning_top_p, m.reasoning)
-        # a single kept token's top-p entropy rounds to ~1e-8, not 0 (verl_tor.ops): count those as zero
+        # ≈ 0: at most 1e-6 nats (a one-token nucleus is exactly 0 in verl_tor.ops; tiny multi-token nuclei count too)
         nonzero = m.entropy_top_p > 1e-6
         print(
             f"| {name} | {responses_name} | {m.share(both):.3f} | {m.share(both, m.reasoning):.3f} | {agree:.3f} "
