@@ -57,3 +57,14 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cpu_dir(tmp_path_factory):
+    """The loop tests' data: the figure task's problems (32 training, 8 validation) in a fresh folder (the model is
+    the shipped figure reader). Each run writes under ``runs/<its experiment name>`` there."""
+    from verl_tor.local.prepare import prepare
+
+    out = str(tmp_path_factory.mktemp("cpu"))
+    prepare(out, seed=0, n_train=32, n_val=8)
+    return out

@@ -1,6 +1,7 @@
 """Shared by the loop tests (``tests/test_main_ppo*_on_cpu.py``): running a CPU recipe through verl's real
-``main_ppo`` and reading what it logged. Each module owns the runs its tests share (session-scoped fixtures), and
-``scripts/dev.sh test`` schedules by module (``--dist loadscope``), so every run happens once, on one xdist worker."""
+``main_ppo`` and reading what it logged; their data folder is ``tests/conftest.py``'s ``cpu_dir``. Each module owns
+the runs its tests share (session-scoped fixtures), and ``scripts/dev.sh test`` schedules by module
+(``--dist loadscope``), so every run happens once, on one xdist worker."""
 
 from __future__ import annotations
 
@@ -11,15 +12,6 @@ from verl_tor.local.launch import LoopRun, run_cpu_recipe
 
 TESTS = Path(__file__).resolve().parent
 TIMEOUT = 600
-
-
-def prepare_cpu_dir(tmp_path_factory) -> str:
-    """The figure task's data (32 training, 8 validation problems) in a fresh folder; the model is the shipped one."""
-    from verl_tor.local.prepare import prepare
-
-    out = str(tmp_path_factory.mktemp("cpu"))
-    prepare(out, seed=0, n_train=32, n_val=8)
-    return out
 
 
 def run(cpu_dir: str, recipe: str, experiment: str, *overrides: str, steps: int = 2, **env: str) -> LoopRun:

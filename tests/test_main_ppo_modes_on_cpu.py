@@ -4,14 +4,9 @@ M-RoPE bug reproduced in stock ``sync`` without verl_tor's fix (``tests/loop_sup
 from __future__ import annotations
 
 import pytest
-from loop_support import assert_ok, prepare_cpu_dir, run
+from loop_support import assert_ok, run
 
 pytestmark = pytest.mark.loop
-
-
-@pytest.fixture(scope="session")
-def cpu_dir(tmp_path_factory):
-    return prepare_cpu_dir(tmp_path_factory)
 
 
 def test_tor_colocate_async_through_main_ppo(cpu_dir):

@@ -13,14 +13,9 @@ import os
 from pathlib import Path
 
 import pytest
-from loop_support import TESTS, assert_ok, prepare_cpu_dir, run, training_metrics
+from loop_support import TESTS, assert_ok, run, training_metrics
 
 pytestmark = pytest.mark.loop
-
-
-@pytest.fixture(scope="session")
-def cpu_dir(tmp_path_factory):
-    return prepare_cpu_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

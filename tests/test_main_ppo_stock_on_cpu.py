@@ -7,14 +7,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from loop_support import ONE_ROW, ONE_ROW_OVERRIDES, TESTS, assert_ok, is_nan, prepare_cpu_dir, run, training_metrics
+from loop_support import ONE_ROW, ONE_ROW_OVERRIDES, TESTS, assert_ok, is_nan, run, training_metrics
 
 pytestmark = pytest.mark.loop
-
-
-@pytest.fixture(scope="session")
-def cpu_dir(tmp_path_factory):
-    return prepare_cpu_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
