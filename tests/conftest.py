@@ -59,6 +59,12 @@ def ray_cluster():
         ray.shutdown()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The loop tests (one main_ppo run each, ~1 min) first, the rest after in their own order: with two xdist workers
+    the long modules start at once and the short ones fill in, instead of a long module starting last."""
+    items.sort(key=lambda item: item.get_closest_marker("loop") is None)
+
+
 @pytest.fixture(scope="session")
 def cpu_dir(tmp_path_factory):
     """The loop tests' data: the figure task's problems (32 training, 8 validation) in a fresh folder (the model is
