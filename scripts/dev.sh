@@ -51,8 +51,9 @@ case "$cmd" in
     set +e
     # Two xdist workers (VERL_TOR_TEST_WORKERS; 0 runs in-process): a main_ppo run's start-up (Ray, then one worker
     # process after another importing torch and verl) mostly keeps one core busy, so two overlap on 2 cores. Whole
-    # modules go to a worker (loadscope), so the runs a module's tests share are made once.
-    "$VENV/bin/python" -m pytest -n "${VERL_TOR_TEST_WORKERS:-2}" --dist loadscope "$@"
+    # modules go to a worker (loadscope), so the runs a module's tests share are made once, in collection order
+    # (--no-loadscope-reorder: tests/conftest.py puts the long loop modules first; xdist would put them last).
+    "$VENV/bin/python" -m pytest -n "${VERL_TOR_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder "$@"
     rc=$?
     set -e
     # pytest exits 5 when it collected no test: that is a broken suite, not a pass.
