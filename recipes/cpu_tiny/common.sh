@@ -69,7 +69,9 @@ cpu_args() {
     actor_rollout_ref.ref.fsdp_config.use_torch_compile=False
     reward.num_workers=1
     transfer_queue.backend.SimpleStorage.num_data_storage_units=1
+    data.filter_overlong_prompts=False
     ray_kwargs.ray_init.num_cpus=32
+    +ray_kwargs.ray_init.include_dashboard=False
     +ray_kwargs.ray_init.num_gpus="$N_GPUS_PER_NODE"
     +ray_kwargs.ray_init._temp_dir="$RAY_TMP"
   )
