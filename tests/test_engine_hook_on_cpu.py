@@ -167,11 +167,10 @@ FORWARD_STEP = textwrap.dedent(
     proc = hf_processor(ckpt)
     model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
 
+    from verl_tor.demo import encode_prompt
+
     def prompt(question, image):
-        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": question}]
-        text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                        tokenize=False)
-        return proc(text=[text], images=[image] if image is not None else None, return_tensors="pt")["input_ids"][0]
+        return encode_prompt(proc, {"question": question, "image": image})["input_ids"][0]
 
     problem = tiny.make_geometry_problem(0)
     rows = [build_verl_row(proc, prompt(problem["question"], problem["image"]), torch.arange(6) + 40,
