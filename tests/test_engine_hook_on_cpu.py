@@ -74,7 +74,7 @@ def test_flag_switches_entropy_to_top_p_for_that_call_only(engine):
 def test_hook_is_idempotent_and_revertible():
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-    from verl_tor.engine import install_top_p_entropy_hook, uninstall_top_p_entropy_hook
+    from verl_tor.integration.engine import install_top_p_entropy_hook, uninstall_top_p_entropy_hook
 
     wrapped = FSDPEngineWithLMHead.prepare_model_outputs
     assert install_top_p_entropy_hook() is False  # already installed by the plugin
@@ -232,7 +232,7 @@ def test_config_accepts_top_p_with_either_padding_path():
     from hydra import compose, initialize_config_dir
 
     from verl_tor.config import ToRConfigError
-    from verl_tor.trainer import validate_tor_config
+    from verl_tor.integration.trainer import validate_tor_config
 
     with initialize_config_dir(config_dir=str(ROOT / "recipes" / "config"), version_base=None):
         for remove_padding in ("true", "false"):
@@ -263,8 +263,8 @@ def test_trainer_sets_the_flag_only_around_the_old_log_prob_pass(monkeypatch):
     """ToRTrainerSync._compute_old_log_prob adds tor_entropy_top_p for verl's call and removes it afterwards."""
     from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
+    from verl_tor.integration.trainer import build_trainer_class
     from verl_tor.testing import KVMeta
-    from verl_tor.trainer import build_trainer_class
 
     seen = {}
 

@@ -1,8 +1,8 @@
 """Every advantage estimator × policy loss verl registers: accepted or refused by ToR, and where accepted, the ToR
 weights reach the gradient.
 
-- The matrix in recipes/README.md is what ToR's validation says today (``verl_tor.support``), over verl's own
-  registries: a verl bump that adds an estimator or a loss fails here until the table is regenerated and read.
+- The matrix in recipes/README.md is what ToR's validation says today (``verl_tor.integration.support``), over verl's
+  own registries: a verl bump that adds an estimator or a loss fails here until the table is regenerated and read.
 - The estimators ToR refuses because verl's V1 trainer cannot run them really crash in verl's own
   ``_compute_advantage`` at step 1, ToR off, even with the fields they want present in TransferQueue.
 - For every accepted (estimator, loss, apply): verl's real ``_compute_advantage`` (stock and ToR trainer, in-memory
@@ -21,10 +21,10 @@ import torch
 from test_trainer_on_cpu import FixedScorer, add_sequences, make_trainer, padded
 from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
 
+from verl_tor.integration.trainer import CRITIC_ESTIMATORS, REFUSED_ESTIMATORS
 from verl_tor.loss import TOR_WEIGHTS_KEY, tor_ppo_loss
 from verl_tor.stage import MULTI_MODAL_FIELD, VIEW_FIELDS, ToRStage, rows_to_tensordict
 from verl_tor.testing import InMemoryKV, KVMeta
-from verl_tor.trainer import CRITIC_ESTIMATORS, REFUSED_ESTIMATORS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "recipes" / "README.md"
@@ -32,7 +32,7 @@ README = ROOT / "recipes" / "README.md"
 
 @pytest.fixture(scope="module")
 def matrix():
-    from verl_tor.support import support_matrix
+    from verl_tor.integration.support import support_matrix
 
     return support_matrix()
 
@@ -40,12 +40,14 @@ def matrix():
 def test_recipes_readme_carries_the_current_matrix(matrix):
     from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
 
-    from verl_tor.support import render_into, render_support_matrix
+    from verl_tor.integration.support import render_into, render_support_matrix
 
     assert {e for e, _ in matrix} == set(ADV_ESTIMATOR_REGISTRY) and {m for _, m in matrix} == set(POLICY_LOSS_REGISTRY)
     text = README.read_text(encoding="utf-8")
     table = render_support_matrix(matrix)
-    assert render_into(text, table) == text, "stale: run `python -m verl_tor.support --write recipes/README.md`"
+    assert render_into(text, table) == text, (
+        "stale: run `python -m verl_tor.integration.support --write recipes/README.md`"
+    )
     assert REFUSED_ESTIMATORS.keys() <= ADV_ESTIMATOR_REGISTRY.keys()
     for estimator in REFUSED_ESTIMATORS:  # refused under every loss and apply, opt-in or not
         assert all(

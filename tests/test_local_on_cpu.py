@@ -273,7 +273,7 @@ def test_mrope_bug_is_present_in_verl_and_the_fix_repairs_only_that_layout():
     from tensordict import TensorDict
     from verl.utils import tensordict_utils
 
-    from verl_tor.mrope_fix import apply_mrope_fix, is_mrope_bug_present, revert_mrope_fix
+    from verl_tor.integration.fixes.mrope import apply_mrope_fix, is_mrope_bug_present, revert_mrope_fix
 
     revert_mrope_fix()
     try:

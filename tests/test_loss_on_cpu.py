@@ -173,9 +173,9 @@ def test_loss_wrapper_reaches_a_verl_ray_worker_through_set_loss_fn(actor_config
         def weighted_loss(self, seed):
             import sys
 
-            # verl imported its plugins when this worker started; nothing here imported verl_tor.plugin
-            loaded_by_verl = "verl_tor.plugin" in sys.modules
-            from verl_tor import plugin
+            # verl imported its plugins when this worker started; nothing here imported verl_tor.integration.plugin
+            loaded_by_verl = "verl_tor.integration.plugin" in sys.modules
+            from verl_tor.integration import plugin
 
             data, log_probs, raw = make_batch(seed)
             data[TOR_WEIGHTS_KEY] = nested(raw["weights"])

@@ -112,7 +112,7 @@ ENGINE = textwrap.dedent(
     from verl_tor.stage import ToRStage, compute_row_identities, make_view_builder, rows_to_tensordict
     from verl_tor.testing import (EngineLogProbScorer, InMemoryKV, KVMeta, build_verl_row,
                                   compute_sequence_log_probs, setup_cpu_engine)
-    import verl_tor.qwen2_vl_fix as fix
+    import verl_tor.integration.fixes.qwen2_vl as fix
 
     family = sys.argv[1]
     ckpt = tempfile.mkdtemp()
@@ -201,7 +201,7 @@ ENGINE = textwrap.dedent(
 @pytest.mark.parametrize("name", tiny.FAMILIES)
 def test_engine_forward_stage_and_no_pixel_fix(name):
     """verl's monkey patch changes model classes process-wide: one fresh interpreter per family."""
-    from verl_tor.qwen2_vl_fix import AFFECTED_MODEL_TYPES
+    from verl_tor.integration.fixes.qwen2_vl import AFFECTED_MODEL_TYPES
 
     proc = subprocess.run(
         [sys.executable, "-c", ENGINE, name],

@@ -39,13 +39,13 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 def test_entry_point_is_declared():
     eps = importlib.metadata.entry_points(group="verl.plugins")
     tor = [ep for ep in eps if ep.name == "tor"]
-    assert len(tor) == 1 and tor[0].value == "verl_tor.plugin"
+    assert len(tor) == 1 and tor[0].value == "verl_tor.integration.plugin"
 
 
 def test_bare_import_verl_registers_everything():
     code = (
         "import sys, verl\n"
-        "assert 'verl_tor.plugin' in sys.modules, 'plugin not loaded by import verl'\n"
+        "assert 'verl_tor.integration.plugin' in sys.modules, 'plugin not loaded by import verl'\n"
         "from verl.trainer.ppo.v1 import get_trainer_cls, PPOTrainerSync, PPOTrainerColocateAsync\n"
         "cls = get_trainer_cls('tor_sync')\n"
         "assert issubclass(cls, PPOTrainerSync), cls\n"
@@ -53,7 +53,7 @@ def test_bare_import_verl_registers_everything():
         "import verl.utils.config as c; assert c.validate_config.__verl_tor__\n"
         "import verl.workers.engine.fsdp.transformer_impl as e\n"
         "assert e.FSDPEngineWithLMHead.prepare_model_outputs.__verl_tor__\n"
-        "import verl_tor.plugin as p; p.assert_ready(); print('READY')\n"
+        "import verl_tor.integration.plugin as p; p.assert_ready(); print('READY')\n"
     )
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,7 +75,7 @@ def test_plugin_import_error_is_a_warning_not_silence(tmp_path):
     # A broken hook is logged at WARNING (verl itself would only say it at DEBUG) and blocks ToR runs.
     code = (
         "import logging; logging.basicConfig(level=logging.WARNING)\n"
-        "import verl_tor.plugin as p\n"
+        "import verl_tor.integration.plugin as p\n"
         "def broken():\n    raise ImportError('boom')\n"
         "p.when_imported('logging', broken)\n"
         "try:\n    p.assert_ready()\nexcept RuntimeError as e:\n    print('REFUSED', e)\n"
@@ -91,7 +91,7 @@ def test_version_check_names_range(monkeypatch):
 
     import verl
 
-    import verl_tor.plugin as plugin
+    import verl_tor.integration.plugin as plugin
     from verl_tor import SUPPORTED_VERL
 
     assert plugin.check_verl_version() is None  # the pinned verl is installed here
@@ -119,7 +119,7 @@ def test_supported_range_admits_the_main_branch_pre_release(monkeypatch, version
     PYTHONPATH too) and admits main's pre-release, which a plain ``<0.11`` bound would skip."""
     import verl
 
-    import verl_tor.plugin as plugin
+    import verl_tor.integration.plugin as plugin
 
     monkeypatch.setattr(verl, "__version__", version)
     assert plugin.verl_version() == version
@@ -224,7 +224,7 @@ def test_tor_colocate_async_validates_through_verl():
 def test_gae_is_refused_unless_opted_in():
     """Checked with ToR's own validation: verl's would first want a critic model path for gae."""
     from verl_tor.config import ToRConfigError
-    from verl_tor.trainer import validate_tor_config
+    from verl_tor.integration.trainer import validate_tor_config
 
     cfg = compose("tor.enable=true", "algorithm.adv_estimator=gae")
     with pytest.raises(ToRConfigError, match=r"adv_estimator='gae'.*critic still trains.*Fix: .*tor\.allow_gae=true"):
@@ -239,7 +239,7 @@ def test_top_p_entropy_is_refused_off_the_fsdp_engine():
     from omegaconf import open_dict
 
     from verl_tor.config import ToRConfigError
-    from verl_tor.trainer import validate_tor_config
+    from verl_tor.integration.trainer import validate_tor_config
 
     cfg = compose("tor.enable=true", "tor.entropy=top_p")
     validate_tor_config(cfg, use_reference_policy=True)  # fsdp: fine

@@ -23,7 +23,7 @@ FORWARD = textwrap.dedent(
     import sys, torch, verl
     from verl.models.transformers.monkey_patch import apply_monkey_patch
     from verl_tor import tiny
-    import verl_tor.qwen2_vl_fix as fix
+    import verl_tor.integration.fixes.qwen2_vl as fix
     mode = sys.argv[1]
     if mode == "unfixed":
         fix.revert_qwen2_vl_fix()
@@ -85,7 +85,7 @@ def test_plugin_applies_the_fix_on_import():
 
 
 def test_detection():
-    import verl_tor.qwen2_vl_fix as fix
+    import verl_tor.integration.fixes.qwen2_vl as fix
 
     fix.revert_qwen2_vl_fix()
     try:
@@ -110,7 +110,7 @@ def test_patch_applies_to_the_installed_verl_and_matches_the_runtime_fix(patched
 
     import torch
 
-    import verl_tor.qwen2_vl_fix as fix
+    import verl_tor.integration.fixes.qwen2_vl as fix
     from verl_tor import tiny
 
     root, target = patched_copy

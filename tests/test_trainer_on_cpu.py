@@ -307,7 +307,7 @@ def test_tor_enabled_stage_runs_after_verl_advantage(kv, apply, tor_mode):
 def test_build_stage_wires_the_actor_scorer_and_transfer_queue():
     import transfer_queue
 
-    from verl_tor.trainer import build_stage
+    from verl_tor.integration.trainer import build_stage
 
     class WG:
         def compute_log_prob(self, meta):
@@ -328,7 +328,7 @@ def test_build_stage_wires_the_actor_scorer_and_transfer_queue():
 
 
 def test_build_stage_scores_with_the_reference_policy_when_asked(tiny_processor):
-    from verl_tor.trainer import build_stage
+    from verl_tor.integration.trainer import build_stage
 
     class WG:
         def compute_log_prob(self, meta):

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from verl_tor.contract import VERL_CONTRACT, compare, current_fingerprints, fingerprint_source, load_recorded, resolve
+from verl_tor.integration.contract import (
+    VERL_CONTRACT,
+    compare,
+    current_fingerprints,
+    fingerprint_source,
+    load_recorded,
+    resolve,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VERL_FACING = [
@@ -44,7 +51,7 @@ NOT_CODE = {
 
 
 def verl_version() -> str:
-    from verl_tor.plugin import verl_version
+    from verl_tor.integration.plugin import verl_version
 
     return verl_version()
 
@@ -62,7 +69,7 @@ def test_fingerprints_match_the_record_of_this_verl_version():
             f"{len(problems)} of {len(VERL_CONTRACT)} contract entries differ:\n  "
             + "\n  ".join(problems or ["(none)"])
             + "\nReview what verl_tor does with each (patches/README.md, 'Bumping verl'), then record this verl: "
-            "python -m verl_tor.contract --write patches/contract"
+            "python -m verl_tor.integration.contract --write patches/contract"
         )
     problems = compare(recorded[version]["functions"], current)
     assert not problems, (
@@ -158,4 +165,6 @@ def test_contract_covers_every_verl_name_the_verl_facing_modules_import():
                 pass
             if not any(entry == ref or entry.startswith(ref + ".") for entry in VERL_CONTRACT):
                 uncovered.append(f"verl_tor/{module_name}.py imports {ref}")
-    assert not uncovered, "add to VERL_CONTRACT (verl_tor/contract.py) and re-record:\n  " + "\n  ".join(uncovered)
+    assert not uncovered, "add to VERL_CONTRACT (verl_tor/integration/contract.py) and re-record:\n  " + "\n  ".join(
+        uncovered
+    )

@@ -17,7 +17,7 @@ RUNNER = """
 import sys
 import pytest
 import verl  # loads the verl.plugins entry points
-assert "verl_tor.plugin" in sys.modules, "verl did not load the verl_tor plugin"
+assert "verl_tor.integration.plugin" in sys.modules, "verl did not load the verl_tor plugin"
 import verl.trainer.ppo.v1  # and let the trainer hook run, as in a ToR run
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
 assert "tor_sync" in TRAINER_REGISTRY

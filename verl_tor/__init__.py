@@ -1,7 +1,7 @@
 """verl_tor: Token Reweighting (ToR, arXiv 2603.25077) for multimodal RLVR, as a verl plugin (verl 0.9.1 and main).
 
 Importing this package is cheap (no torch, no verl): the config lives in ``verl_tor.config``, the tensor ops in
-``verl_tor.ops`` (torch only), and the verl-facing layer in ``verl_tor.plugin`` / ``verl_tor.trainer``.
+``verl_tor.ops`` (torch only), and everything that touches verl's internals in ``verl_tor.integration``.
 """
 
 __version__ = "0.1.0"

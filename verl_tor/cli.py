@@ -124,8 +124,9 @@ def render_readme(text: str) -> str:
 def check_config(argv: list[str]) -> int:
     """Compose a ``verl.trainer.main_ppo`` command line's config and validate it as ``main_ppo`` does, without
     running anything: hydra's compose API on ``--config-path`` / ``--config-name`` + the overrides, then verl's
-    ``validate_config`` (which, with verl_tor installed, also checks the ``tor`` block: ``verl_tor.plugin``) and the
-    ToR checks themselves. For ``VERL_TOR_DRY_RUN=1`` in ``recipes/common.sh``; returns 0, or 2 with the error."""
+    ``validate_config`` (which, with verl_tor installed, also checks the ``tor`` block:
+    ``verl_tor.integration.plugin``) and the ToR checks themselves. For ``VERL_TOR_DRY_RUN=1`` in
+    ``recipes/common.sh``; returns 0, or 2 with the error."""
     import os
 
     config_path, config_name, overrides = None, "ppo_trainer", []
@@ -145,7 +146,7 @@ def check_config(argv: list[str]) -> int:
         from verl.trainer.ppo.utils import need_critic, need_reference_policy
         from verl.utils.config import validate_config
 
-        from verl_tor.trainer import validate_tor_config
+        from verl_tor.integration.trainer import validate_tor_config
 
         if config_path is None:
             config_path = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")

@@ -128,7 +128,7 @@ def run_old_policy_pass(model, rows: list[dict], keys: list[str], cfg: ToRConfig
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     for _ in _progress(range(1), "old-policy pass", enabled=progress):
-        # tor.entropy=top_p: the flag the ToR trainer sets for verl's old-policy pass (verl_tor.engine)
+        # tor.entropy=top_p: the flag the ToR trainer sets for verl's old-policy pass (verl_tor.integration.engine)
         top_p = cfg.entropy_top_p if cfg.enable and cfg.entropy == "top_p" else None
         scorer.compute_old_log_prob(keys, entropy_top_p=top_p)
     timing["old_log_prob"] = time.perf_counter() - t0

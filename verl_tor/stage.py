@@ -1,6 +1,6 @@
 """The ToR stage: image-free views -> one extra log-prob pass -> S_t -> top-ρ selection -> token weights -> metrics.
 
-Runs on the driver, once per training step, after verl's advantage computation (see ``verl_tor.trainer``).
+Runs on the driver, once per training step, after verl's advantage computation (see ``verl_tor.integration.trainer``).
 It talks to verl through three narrow seams so it can be tested without a cluster:
 
 - a key-value store with TransferQueue's ``kv_batch_get / kv_batch_put / kv_clear`` (the ``transfer_queue``

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from verl_tor.engine import TOP_P_FLAG
+from verl_tor.integration.engine import TOP_P_FLAG
 from verl_tor.ops import compute_entropy_from_logits, compute_top_p_entropy_from_logits
 from verl_tor.stage import rows_to_tensordict, tensordict_to_rows
 
@@ -187,7 +187,7 @@ class LocalLogProbScorer(_OldLogProbPass):
         rows = tensordict_to_rows(data)
         temperature = float(info.get("temperature", 1.0))
         want_entropy = bool(info.get("calculate_entropy", False))
-        top_p = info.get(TOP_P_FLAG)  # the ToR trainer's flag for the old-policy pass (verl_tor.engine)
+        top_p = info.get(TOP_P_FLAG)  # the ToR trainer's flag for the old-policy pass (verl_tor.integration.engine)
         out: dict[str, list] = {"log_probs": []}
         if want_entropy:
             out["entropy"] = []
@@ -293,7 +293,7 @@ def setup_cpu_engine(model: torch.nn.Module) -> Any:
     """
     from verl.models.transformers.monkey_patch import apply_monkey_patch
 
-    from verl_tor.qwen2_vl_fix import apply_qwen2_vl_fix
+    from verl_tor.integration.fixes.qwen2_vl import apply_qwen2_vl_fix
 
     apply_qwen2_vl_fix()
     patch_engine_device_helpers()
@@ -326,7 +326,7 @@ class EngineLogProbScorer(_OldLogProbPass):
         info = dict(meta.extra_info or {})
         data = self.store.kv_batch_get(meta.keys, meta.partition_id)
         self.calls.append({"n": len(meta.keys), "partition_id": meta.partition_id, "fields": set(data.keys()), **info})
-        # the ToR trainer's flag for the old-policy pass (tor.entropy=top_p): verl_tor.engine's hook reads it
+        # the ToR trainer's flag for the old-policy pass (tor.entropy=top_p): the engine hook reads it
         flags = {TOP_P_FLAG: float(info[TOP_P_FLAG])} if info.get(TOP_P_FLAG) is not None else {}
         tu.assign_non_tensor(
             data,

@@ -52,7 +52,7 @@ def hf_rollout_selected() -> bool:
 
 
 def install(when_imported: Callable[[str, Callable[[], None]], None]) -> list[str]:
-    """Register what the environment selects (called by ``verl_tor.plugin`` in every verl process).
+    """Register what the environment selects (called by ``verl_tor.integration.plugin`` in every verl process).
 
     Args:
         when_imported: the plugin's post-import hook, ``(module name, callback)``.

@@ -2,7 +2,8 @@
 
 ToR ranks reasoning tokens T_r by the old policy's entropy (paper §3.2). verl's old-log-prob pass already returns the
 full-vocabulary entropy for free; ``tor.entropy=top_p`` swaps in the paper's truncated entropy (keep the smallest
-top-probability prefix with mass >= p, renormalise, take H), computed where the logits are (``verl_tor.engine``).
+top-probability prefix with mass >= p, renormalise, take H), computed where the logits are
+(``verl_tor.integration.engine``).
 
 Both functions compute in float32 whatever the logits' dtype (bf16 logits would lose ~3 digits in the sums), and
 both work on flattened rows in chunks, so a (4096, 151936) logits tensor never needs a full float32 copy.

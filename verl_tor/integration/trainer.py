@@ -1,8 +1,8 @@
 """The verl-facing trainers: V1 trainer modes ``tor_sync`` and ``tor_colocate_async`` = verl's ``sync`` /
 ``colocate_async`` trainer + the ToR stage, built by one function (``build_trainer_class``) from one mixin.
 
-Only this module and ``verl_tor.plugin`` touch verl's trainer. What it relies on in verl (fingerprinted per verl
-version by ``tests/test_verl_contract_on_cpu.py``, listed in ``verl_tor/contract.py``):
+Only this module and ``verl_tor.integration.plugin`` touch verl's trainer. What it relies on in verl (fingerprinted
+per verl version by ``tests/test_verl_contract_on_cpu.py``, listed in ``verl_tor/integration/contract.py``):
 
 - ``verl.trainer.ppo.v1.trainer_base``: ``PPOTrainer.__init__`` (sets ``self.trainer_mode``), ``_compute_old_log_prob``
   (calls ``actor_rollout_wg.compute_log_prob`` with ``calculate_entropy=True``, stores ``old_log_probs``, ``entropy``),
@@ -63,7 +63,8 @@ CRITIC_ESTIMATORS = frozenset({"gae"})
 """Estimators whose per-token advantages come from a critic: refused unless ``tor.allow_gae=true``."""
 
 TOP_P_STRATEGIES = ("fsdp", "fsdp2")
-"""Actor strategies whose engine (``FSDPEngineWithLMHead``) carries the top-p entropy hook (``verl_tor.engine``)."""
+"""Actor strategies whose engine (``FSDPEngineWithLMHead``) carries the top-p entropy hook
+(``verl_tor.integration.engine``)."""
 
 
 def read_tor_config(config: Any) -> ToRConfig:
@@ -195,7 +196,7 @@ class ToRTrainerMixin:
     """The verl trainer mode this class extends and presents itself as (set per class by the builder)."""
 
     def __init__(self, config):
-        from verl_tor import plugin
+        from verl_tor.integration import plugin
 
         self.tor_config = validate_tor_config(config)
         if self.tor_config.enable:
@@ -234,7 +235,7 @@ class ToRTrainerMixin:
     def _compute_old_log_prob(self, batch, metrics):
         if not (self.tor_config.enable and self.tor_config.entropy == "top_p"):
             return super()._compute_old_log_prob(batch, metrics)
-        # Ask the engine hook (verl_tor.plugin) for the paper's top-p entropy in this pass only; the update
+        # Ask the engine hook (verl_tor.integration.plugin) for the paper's top-p entropy in this pass only; the update
         # pass must keep verl's differentiable full entropy for its entropy bonus.
         batch.extra_info["tor_entropy_top_p"] = self.tor_config.entropy_top_p
         try:

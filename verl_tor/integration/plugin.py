@@ -98,7 +98,7 @@ def _run_hooks(module_name: str) -> None:
 
 # ---------------------------------------------------------------------- the hooks
 def register_trainer_mode() -> None:
-    from verl_tor.trainer import build_trainer_classes
+    from verl_tor.integration.trainer import build_trainer_classes
 
     build_trainer_classes()
 
@@ -113,8 +113,8 @@ def wrap_validate_config() -> None:
     @functools.wraps(original)
     def validate_config(config, use_reference_policy, use_critic, *args, **kwargs):
         result = original(config, use_reference_policy, use_critic, *args, **kwargs)
+        from verl_tor.integration.trainer import validate_tor_config
         from verl_tor.local import validate_local_config
-        from verl_tor.trainer import validate_tor_config
 
         validate_local_config(config)  # before Ray starts: exports what the local backend's workers need
 
@@ -127,13 +127,13 @@ def wrap_validate_config() -> None:
 
 
 def fix_qwen2_vl() -> None:
-    from verl_tor.qwen2_vl_fix import apply_qwen2_vl_fix
+    from verl_tor.integration.fixes.qwen2_vl import apply_qwen2_vl_fix
 
     apply_qwen2_vl_fix()
 
 
 def fix_mrope_position_ids() -> None:
-    from verl_tor.mrope_fix import apply_mrope_fix
+    from verl_tor.integration.fixes.mrope import apply_mrope_fix
 
     if "mrope" not in _skipped_fixes():
         apply_mrope_fix()
@@ -147,7 +147,7 @@ def _skipped_fixes() -> set[str]:
 
 
 def install_top_p_entropy() -> None:
-    from verl_tor.engine import install_top_p_entropy_hook
+    from verl_tor.integration.engine import install_top_p_entropy_hook
 
     install_top_p_entropy_hook()
 

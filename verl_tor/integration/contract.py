@@ -6,8 +6,8 @@ and docstrings do not count: ``signature`` (arguments, return annotation, decora
 recorded for its version (``patches/contract/verl-<version>.json``), so a verl bump fails at the exact function that
 changed, by name. How to bump: ``patches/README.md``.
 
-    python -m verl_tor.contract                          # what changed against the recorded files
-    python -m verl_tor.contract --write patches/contract  # record the verl in use
+    python -m verl_tor.integration.contract                          # what changed against the recorded files
+    python -m verl_tor.integration.contract --write patches/contract  # record the verl in use
 
 Adding a hook means adding its verl target to ``VERL_CONTRACT`` (one line) and recording it (the command above).
 """
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 VERL_CONTRACT: tuple[str, ...] = (
-    # verl_tor/trainer.py: the ToR trainers subclass verl's, present its mode names, run after its advantage
+    # verl_tor/integration/trainer.py: the ToR trainers subclass verl's, present its mode names, run after its advantage
     "verl.trainer.ppo.v1.trainer_base:PPOTrainer.__init__",
     "verl.trainer.ppo.v1.trainer_base:PPOTrainer._build_replay_buffer",
     "verl.trainer.ppo.v1.trainer_base:PPOTrainer._init_dataloader",
@@ -59,16 +59,16 @@ VERL_CONTRACT: tuple[str, ...] = (
     "verl.trainer.ppo.ray_trainer:compute_advantage",
     "verl.trainer.ppo.utils:need_reference_policy",
     "verl.trainer.main_ppo:TaskRunnerV1.run",
-    # verl_tor/plugin.py: validate_config is wrapped
+    # verl_tor/integration/plugin.py: validate_config is wrapped
     "verl.utils.config:validate_config",
     "verl.utils.config:omega_conf_to_dataclass",
     # verl_tor/loss.py: tor.apply=loss
     "verl.workers.utils.losses:ppo_loss",
     "verl.workers.engine_workers:ActorRolloutRefWorker.set_loss_fn",
-    # verl_tor/engine.py: top-p entropy in the old-policy pass
+    # verl_tor/integration/engine.py: top-p entropy in the old-policy pass
     "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.prepare_model_outputs",
     "verl.utils.tensordict_utils:get_non_tensor_data",
-    # verl_tor/qwen2_vl_fix.py: the no-pixel fix, and the Qwen3-VL branch that needs none
+    # verl_tor/integration/fixes/qwen2_vl.py: the no-pixel fix, and the Qwen3-VL branch that needs none
     "verl.models.transformers.qwen2_vl:_get_input_embeds",
     "verl.models.transformers.qwen3_vl:_get_input_embeds",
     "verl.utils.transformers_compat:unpack_visual_output",
@@ -83,7 +83,7 @@ VERL_CONTRACT: tuple[str, ...] = (
     "verl.models.transformers.monkey_patch:apply_monkey_patch",
     "verl.utils.torch_functional:entropy_from_logits",
     "verl.utils.tensordict_utils:assign_non_tensor",
-    # verl_tor/mrope_fix.py: equal-length M-RoPE batches
+    # verl_tor/integration/fixes/mrope.py: equal-length M-RoPE batches
     "verl.utils.tensordict_utils:maybe_fix_3d_position_ids",
     # verl_tor/local/: the CPU platform, verl's FSDP engines for it, the process group, the hf rollout
     "verl.plugin.platform.platform_base:PlatformBase",
@@ -111,7 +111,7 @@ VERL_CONTRACT: tuple[str, ...] = (
 """``module:qualname`` of every verl function or class verl_tor patches, subclasses, calls or copies behaviour from.
 Keep one per line, grouped by the verl_tor module that needs it."""
 
-CONTRACT_DIR = Path(__file__).resolve().parents[1] / "patches" / "contract"
+CONTRACT_DIR = Path(__file__).resolve().parents[2] / "patches" / "contract"
 """Where the recorded fingerprints live (one JSON file per verl version), in the source checkout."""
 
 
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import verl
 
-    from verl_tor.plugin import verl_version
+    from verl_tor.integration.plugin import verl_version
 
     version = verl_version() or verl.__version__
     current = current_fingerprints()

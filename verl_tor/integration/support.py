@@ -1,12 +1,13 @@
 """What ToR accepts: every advantage estimator × every policy loss verl registers, under each ``tor.apply``.
 
-The matrix is not written by hand: each cell is ToR's own validation (``verl_tor.trainer.validate_tor_config``) of
-verl's ``ppo_trainer`` config with that estimator, loss and apply, so it cannot drift from the code. The recipes
-README carries it between markers; ``tests/test_estimator_matrix_on_cpu.py`` regenerates it and checks every
+The matrix is not written by hand: each cell is ToR's own validation
+(``verl_tor.integration.trainer.validate_tor_config``) of verl's ``ppo_trainer`` config with that estimator, loss
+and apply, so it cannot drift from the code. The recipes README
+carries it between markers; ``tests/test_estimator_matrix_on_cpu.py`` regenerates it and checks every
 accepted cell end to end (verl's advantage -> the ToR stage -> verl's ``ppo_loss``: the weights reach the gradient).
 
-    python -m verl_tor.support                          # print the table
-    python -m verl_tor.support --write recipes/README.md  # regenerate it in place
+    python -m verl_tor.integration.support                          # print the table
+    python -m verl_tor.integration.support --write recipes/README.md  # regenerate it in place
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def support_matrix() -> dict[tuple[str, str], dict[str, dict[bool, str | None]]]
     from omegaconf import open_dict
     from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
 
-    from verl_tor.trainer import validate_tor_config
+    from verl_tor.integration.trainer import validate_tor_config
 
     cfg = _compose_ppo_trainer()
     out: dict[tuple[str, str], dict[str, dict[bool, str | None]]] = {}
