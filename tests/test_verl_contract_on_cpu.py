@@ -24,16 +24,16 @@ from verl_tor.integration.contract import (
 
 ROOT = Path(__file__).resolve().parents[1]
 VERL_FACING = [
-    "plugin",
-    "trainer",
-    "engine",
+    "integration/plugin",
+    "integration/trainer",
+    "integration/engine",
+    "integration/fixes/qwen2_vl",
+    "integration/fixes/mrope",
+    "integration/support",
     "loss",
-    "qwen2_vl_fix",
-    "mrope_fix",
     "stage",
     "views",
     "testing",
-    "support",
     "local/__init__",
     "local/platform",
     "local/rollout",
