@@ -46,8 +46,8 @@ def main() -> None:
 
     from verl_tor.config import ToRConfig
     from verl_tor.stage import MULTI_MODAL_FIELD, VIEW_FIELDS, make_view_builder, rows_to_tensordict, tensordict_to_rows
-    from verl_tor.testing import build_verl_row
     from verl_tor.tiny import render_geometry_image, save_tiny_checkpoint
+    from verl_tor.tools.in_process import build_verl_row
 
     print(f"# bench_driver: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}")
     print(f"# cpu cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}")

@@ -3,7 +3,7 @@
 The trained figure reader (``verl_tor.figures``, shipped checkpoint) and ``verl_tor.tiny``'s random Qwen2.5-VL (same
 processor) answer held-out rectangle-area problems; every response token carries the task's ground truth (side
 digits read from the figure, restated, computed, answer, operators, template). The real ToR path scores them
-(``verl_tor.demo.run_tor``: verl rows, old-policy pass, ``ToRStage`` with its image-free view, the selection ops;
+(``verl_tor.tools.demo.run_tor``: verl rows, old-policy pass, ``ToRStage`` with its image-free view, the selection ops;
 paper defaults ρ_r = ρ_p = 0.3, batch scope) and the script prints:
 
 1. grounding of T_p: the share of perception tokens that are figure-derived (read + restated side digits), the share
@@ -33,11 +33,10 @@ from verl_tor.figures import (
     KINDS,
     load_figure_reader,
     make_problem,
-    measure_tor,
-    reference_responses,
     sample_responses,
     split_seeds,
 )
+from verl_tor.tools.grounding import measure_tor, reference_responses
 
 
 def _fmt(x: float) -> str:

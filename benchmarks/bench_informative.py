@@ -35,9 +35,9 @@ def build(prompts: int, n: int, equal_share: float, response_length: int, image_
     from verl.utils import hf_processor
 
     from verl_tor import tiny
-    from verl_tor.demo import _nest, build_batch
     from verl_tor.stage import rows_to_tensordict
-    from verl_tor.testing import EngineLogProbScorer, InMemoryKV, setup_cpu_engine
+    from verl_tor.tools.demo import _nest, build_batch
+    from verl_tor.tools.in_process import EngineLogProbScorer, InMemoryKV, setup_cpu_engine
 
     ckpt = tempfile.mkdtemp(prefix="bench_informative_")
     tiny.save_tiny_checkpoint(ckpt, seed=seed, max_pixels=image_size * image_size)
@@ -72,7 +72,7 @@ class CountingScorer:
     """verl's engine forward as the worker group's ``compute_log_prob``, counting the tokens each call scores."""
 
     def __init__(self, store, engine):
-        from verl_tor.testing import EngineLogProbScorer
+        from verl_tor.tools.in_process import EngineLogProbScorer
 
         self.scorer, self.store, self.rows, self.tokens = EngineLogProbScorer(store, engine), store, 0, 0
 
@@ -88,7 +88,7 @@ def run_stage(rank_tokens: str, processor, engine, store, keys) -> dict:
     """One ToR stage over the stored batch (apply=loss: the stored advantages stay as they are for the next run)."""
     from verl_tor.config import ToRConfig
     from verl_tor.stage import ToRStage, make_view_builder
-    from verl_tor.testing import KVMeta
+    from verl_tor.tools.in_process import KVMeta
 
     cfg = ToRConfig(enable=True, apply="loss", rank_tokens=rank_tokens)
     scorer = CountingScorer(store, engine)

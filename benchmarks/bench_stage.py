@@ -44,9 +44,9 @@ def setup(size: str, rollouts: int, response_length: int, image_size: int, seed:
 
     from verl_tor import tiny
     from verl_tor.config import ToRConfig
-    from verl_tor.demo import build_batch
     from verl_tor.stage import rows_to_tensordict
-    from verl_tor.testing import InMemoryKV, setup_cpu_engine
+    from verl_tor.tools.demo import build_batch
+    from verl_tor.tools.in_process import InMemoryKV, setup_cpu_engine
 
     global _ENGINE
     layers, hidden, heads, kv, inter, vdepth, vhidden = SIZES[size]
@@ -90,7 +90,7 @@ def setup(size: str, rollouts: int, response_length: int, image_size: int, seed:
 
 def prepare(model, processor, rows, keys, store, cfg) -> None:
     """What the later phases need from the old pass (old_log_probs, entropy); run before any measurement."""
-    from verl_tor.testing import EngineLogProbScorer
+    from verl_tor.tools.in_process import EngineLogProbScorer
 
     EngineLogProbScorer(store, _ENGINE).compute_old_log_prob(keys)
 
@@ -99,9 +99,9 @@ def run_phase(phase: str, model, processor, rows, keys, store, cfg) -> float:
     import torch
     from tensordict import TensorDict
 
-    from verl_tor.demo import _nest
     from verl_tor.stage import ToRStage, make_view_builder
-    from verl_tor.testing import EngineLogProbScorer, KVMeta
+    from verl_tor.tools.demo import _nest
+    from verl_tor.tools.in_process import EngineLogProbScorer, KVMeta
 
     scorer = EngineLogProbScorer(store, _ENGINE)
     meta = KVMeta(keys=keys, partition_id="train", extra_info={"calculate_entropy": True, "temperature": 1.0})
@@ -167,7 +167,7 @@ _ENGINE = None
 def child(args) -> dict:
     import torch
 
-    from verl_tor.testing import build_actor_config
+    from verl_tor.tools.in_process import build_actor_config
 
     global _ACTOR_CONFIG
     _ACTOR_CONFIG = build_actor_config("actor_rollout_ref.actor.loss_agg_mode=token-mean")

@@ -158,7 +158,7 @@ run_recipe() {
     # 1: also compose the config with hydra and validate it as main_ppo would (verl's validate_config + tor.*),
     # with the python that would run it; print: the command only
     if [[ "${VERL_TOR_DRY_RUN}" != "print" ]]; then
-      "${args[0]}" -m verl_tor.cli check-config -- "${args[@]:3}" || return 2
+      "${args[0]}" -m verl_tor.tools.cli check-config -- "${args[@]:3}" || return 2
     fi
     return 0
   fi

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from verl_tor.cli import main, parse_overrides
 from verl_tor.config import ToRConfig, ToRConfigError
+from verl_tor.tools.cli import main, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,12 +58,12 @@ def test_cli_refuses_bad_values_before_any_work(tmp_path, capsys):
 def test_tor_enable_false_reaches_the_demo(monkeypatch):
     """`verl-tor demo tor.enable=false` runs stock GRPO: verl's trainer with `recipes/cpu_tiny/grpo.sh` (sync, no
     ToR stage), or with --one-step the walk-through with ToR off (tests/test_demo_on_cpu.py)."""
-    import verl_tor.demo
-    import verl_tor.loop_demo
+    import verl_tor.tools.demo
+    import verl_tor.tools.loop_demo
 
     seen, loops = [], []
-    monkeypatch.setattr(verl_tor.demo, "main", lambda args, cfg: seen.append(cfg) or 0)
-    monkeypatch.setattr(verl_tor.loop_demo, "main", lambda **kw: loops.append(kw) or 0)
+    monkeypatch.setattr(verl_tor.tools.demo, "main", lambda args, cfg: seen.append(cfg) or 0)
+    monkeypatch.setattr(verl_tor.tools.loop_demo, "main", lambda **kw: loops.append(kw) or 0)
     assert (
         main(["demo", "--one-step", "tor.enable=false"]) == 0 and main(["demo", "--one-step", "tor.scope=group"]) == 0
     )
@@ -138,7 +138,7 @@ def test_docs_write_without_markers_leaves_the_file_as_it_was(tmp_path, capsys):
 
 
 def test_docs_write_regenerates_the_tables_atomically(tmp_path):
-    from verl_tor.cli import render_readme
+    from verl_tor.tools.cli import render_readme
 
     readme = tmp_path / "README.md"
     stale = (

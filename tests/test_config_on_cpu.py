@@ -131,7 +131,7 @@ def test_recipe_yaml_tor_block_equals_dataclass_defaults():
 
 
 def test_readme_tables_are_generated_from_the_code():
-    from verl_tor.cli import render_readme
+    from verl_tor.tools.cli import render_readme
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert render_readme(text) == text, "README tables are stale: run `verl-tor docs --write README.md`"

@@ -33,7 +33,7 @@ class TokenSpans(HTMLParser):
 DEMO = """
 import dataclasses, json, sys
 from verl_tor.config import ToRConfig
-from verl_tor.demo import run_demo
+from verl_tor.tools.demo import run_demo
 cfg = ToRConfig(enable=True, log_token_maps_rollouts=2)
 result = run_demo(cfg, out_dir=sys.argv[1], n_prompts=2, n=2, max_new_tokens=8, seed=0, progress=False)
 print(json.dumps(dataclasses.asdict(result)))
@@ -44,7 +44,7 @@ print(json.dumps(dataclasses.asdict(result)))
 DEMO_VARIANTS = """
 import dataclasses, json, os, sys
 from verl_tor.config import ToRConfig
-from verl_tor.demo import run_demo
+from verl_tor.tools.demo import run_demo
 results = {}
 for name, cfg in (
     ("advantage", ToRConfig(enable=True, entropy="top_p")),
@@ -255,7 +255,7 @@ def test_demo_and_inspect_rank_by_the_configured_entropy(tiny_model, tiny_proces
     """`tor.entropy=top_p` reaches the local old-policy pass of `demo`/`inspect` (the trainer's flag), and the
     entropy the stage ranks by is the top-p truncated one, checked against a naive formula on the HF logits."""
     from verl_tor import tiny
-    from verl_tor.demo import build_batch, run_tor
+    from verl_tor.tools.demo import build_batch, run_tor
 
     items = [tiny.make_geometry_problem(i) for i in range(2)]
     g = torch.Generator().manual_seed(0)
@@ -290,8 +290,8 @@ def test_local_log_probs_from_a_bf16_model_come_back_float32_on_cpu(tiny_checkpo
     from transformers import AutoModelForImageTextToText
 
     from verl_tor import tiny
-    from verl_tor.demo import build_batch
-    from verl_tor.testing import compute_sequence_log_probs
+    from verl_tor.tools.demo import build_batch
+    from verl_tor.tools.in_process import compute_sequence_log_probs
 
     item = tiny.make_geometry_problem(0)
     (row,), _ = build_batch(tiny_processor, [item], [[torch.arange(20, 26)]])

@@ -159,7 +159,7 @@ FORWARD_STEP = textwrap.dedent(
     from verl.utils import hf_processor
     from verl_tor import tiny
     from verl_tor.stage import rows_to_tensordict
-    from verl_tor.testing import (EngineLogProbScorer, InMemoryKV, build_verl_row, compute_sequence_log_probs,
+    from verl_tor.tools.in_process import (EngineLogProbScorer, InMemoryKV, build_verl_row, compute_sequence_log_probs,
                                   setup_cpu_engine)
 
     ckpt = tempfile.mkdtemp()
@@ -167,7 +167,7 @@ FORWARD_STEP = textwrap.dedent(
     proc = hf_processor(ckpt)
     model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
 
-    from verl_tor.demo import encode_prompt
+    from verl_tor.tools.demo import encode_prompt
 
     def prompt(question, image):
         return encode_prompt(proc, {"question": question, "image": image})["input_ids"][0]
@@ -264,7 +264,7 @@ def test_trainer_sets_the_flag_only_around_the_old_log_prob_pass(monkeypatch):
     from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
     from verl_tor.integration.trainer import build_trainer_class
-    from verl_tor.testing import KVMeta
+    from verl_tor.tools.in_process import KVMeta
 
     seen = {}
 

@@ -24,7 +24,7 @@ from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
 from verl_tor.integration.trainer import CRITIC_ESTIMATORS, REFUSED_ESTIMATORS
 from verl_tor.loss import TOR_WEIGHTS_KEY, tor_ppo_loss
 from verl_tor.stage import MULTI_MODAL_FIELD, VIEW_FIELDS, ToRStage, rows_to_tensordict
-from verl_tor.testing import InMemoryKV, KVMeta
+from verl_tor.tools.in_process import InMemoryKV, KVMeta
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "recipes" / "README.md"
@@ -165,7 +165,7 @@ def advantages_and_weights(monkeypatch, estimator: str) -> dict[str, torch.Tenso
 @functools.cache
 def actor_config():
     """verl's ActorConfig as a run builds it: no KL loss, no entropy bonus (only the surrogate), DAPO clip-higher."""
-    from verl_tor.testing import build_actor_config
+    from verl_tor.tools.in_process import build_actor_config
 
     return build_actor_config(
         "actor_rollout_ref.actor.use_kl_loss=false",

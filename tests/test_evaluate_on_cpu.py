@@ -7,7 +7,7 @@ import io
 import pandas as pd
 import pytest
 
-from verl_tor.evaluate import BenchmarkError, evaluate, extract_answer, is_correct, load_benchmark, summary_table
+from verl_tor.tools.evaluate import BenchmarkError, evaluate, extract_answer, is_correct, load_benchmark, summary_table
 
 
 def boxed(answer: str) -> str:
@@ -155,7 +155,7 @@ def test_hf_backend_on_tiny_model(tiny_checkpoint, geometry_images, tmp_path):
 
 def test_the_model_is_loaded_once_for_all_benchmarks(tiny_checkpoint, geometry_images, tmp_path, monkeypatch):
     """One engine for every benchmark (a second vLLM engine in one process would not fit on the GPU)."""
-    import verl_tor.evaluate as ev
+    import verl_tor.tools.evaluate as ev
 
     buf = io.BytesIO()
     geometry_images[0].save(buf, format="PNG")
@@ -179,7 +179,7 @@ def test_one_failing_benchmark_keeps_the_others_and_every_result_is_saved(geomet
     rewritten after each benchmark, so what finished is on disk even if the run dies later."""
     import json
 
-    import verl_tor.evaluate as ev
+    import verl_tor.tools.evaluate as ev
 
     def rows(name, n=1, **change):
         row = {"question": name, "answer": "12", "image": _png(geometry_images[0]), "choices": None}
@@ -216,7 +216,7 @@ def test_one_failing_benchmark_keeps_the_others_and_every_result_is_saved(geomet
 
 
 def test_bad_arguments_and_output_paths_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    import verl_tor.evaluate as ev
+    import verl_tor.tools.evaluate as ev
 
     loads = []
     monkeypatch.setitem(ev.BACKENDS, "hf", lambda path: loads.append(path))

@@ -1,5 +1,5 @@
 """ToR on the shipped figure reader: perception tokens land on the digits read from the figure, through the real
-stage (verl_tor.figures.measure -> verl_tor.demo.run_tor -> ToRStage), and each broken sensitivity path is caught.
+stage (verl_tor.tools.grounding -> verl_tor.tools.demo.run_tor -> ToRStage), and each broken sensitivity path is caught.
 
 The check and its margins come from five batches of this test's size (12 held-out problems x 4 samples at T=1.0,
 val seeds 0-4, image_view=remove, the paper's ρ = 0.3); the ranges are next to each constant:
@@ -57,7 +57,7 @@ def batch():
 
 
 def test_reference_tokens_get_the_generator_s_ground_truth(batch):
-    from verl_tor.figures import label_tokens, reference_responses
+    from verl_tor.tools.grounding import label_tokens, reference_responses
 
     _, processor, problems, _ = batch
     tok = processor.tokenizer
@@ -71,7 +71,7 @@ def test_reference_tokens_get_the_generator_s_ground_truth(batch):
 
 
 def test_trained_model_perception_tokens_are_grounded(batch):
-    from verl_tor.figures import measure_tor
+    from verl_tor.tools.grounding import measure_tor
 
     model, processor, problems, responses = batch
     m = measure_tor(model, processor, problems, responses)
@@ -82,7 +82,7 @@ def test_trained_model_perception_tokens_are_grounded(batch):
 
 @pytest.mark.parametrize("control", ["image_kept", "shifted", "wrong_temperature"])
 def test_a_broken_sensitivity_path_fails_the_check(batch, control):
-    from verl_tor.figures import measure_tor
+    from verl_tor.tools.grounding import measure_tor
 
     model, processor, problems, responses = batch
     m = measure_tor(model, processor, problems, responses, control=control, wrong_temperature=0.8)
@@ -93,8 +93,8 @@ def test_a_broken_sensitivity_path_fails_the_check(batch, control):
 
 def test_random_model_is_not_grounded(batch):
     """verl_tor.tiny's random model, same processor, teacher-forced on the reference responses: T_p at chance."""
-    from verl_tor.figures import measure_tor, reference_responses
     from verl_tor.tiny import build_tiny_qwen2_5_vl
+    from verl_tor.tools.grounding import measure_tor, reference_responses
 
     _, processor, problems, _ = batch
     model = build_tiny_qwen2_5_vl(seed=0, processor=processor)

@@ -8,8 +8,8 @@ import json
 import pandas as pd
 import pytest
 
-from verl_tor.cli import main
-from verl_tor.inspection import InspectError, check_checkpoint, load_items
+from verl_tor.tools.cli import main
+from verl_tor.tools.inspection import InspectError, check_checkpoint, load_items
 
 
 def png_bytes(image) -> bytes:
@@ -130,7 +130,7 @@ def test_scorer_policy_ref_is_refused_where_there_is_no_reference_model(command,
     ],
 )
 def test_responses_file_problems_name_the_line_and_the_fix(tiny_processor, tmp_path, lines, message):
-    from verl_tor.inspection import read_responses
+    from verl_tor.tools.inspection import read_responses
 
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -140,7 +140,7 @@ def test_responses_file_problems_name_the_line_and_the_fix(tiny_processor, tmp_p
 
 
 def test_a_valid_responses_file_is_read_whole(tiny_processor, tmp_path):
-    from verl_tor.inspection import read_responses
+    from verl_tor.tools.inspection import read_responses
 
     path = tmp_path / "r.jsonl"
     path.write_text('{"index": 1, "response": "It is 5."}\n\n{"index": 0, "response": "x = 12"}\n', encoding="utf-8")

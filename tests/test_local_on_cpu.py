@@ -194,7 +194,7 @@ def server_factory(tiny_checkpoint):
 
 
 def _prompt(processor, image):
-    from verl_tor.demo import encode_prompt
+    from verl_tor.tools.demo import encode_prompt
 
     item = {"image": image, "question": "Find the area."}
     ids = encode_prompt(processor, item)["input_ids"][0].tolist()

@@ -17,7 +17,7 @@ def nested(rows):
 
 @pytest.fixture(scope="module")
 def actor_config():
-    from verl_tor.testing import build_actor_config
+    from verl_tor.tools.in_process import build_actor_config
 
     return build_actor_config(
         "actor_rollout_ref.actor.clip_ratio_low=0.2",

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.loop
 
 @pytest.fixture(scope="session")
 def demo(cpu_dir):
-    """``verl-tor demo``'s run (``verl_tor.loop_demo``: ToR-GRPO, a token map every step), here 3 steps with
+    """``verl-tor demo``'s run (``verl_tor.tools.loop_demo``: ToR-GRPO, a token map every step), here 3 steps with
     validation (its generations dumped) and a checkpoint at step 2, and a learning rate large enough that one update
     visibly moves the policy. Returns (the demo's result, the progress lines it printed)."""
-    from verl_tor.loop_demo import run_loop_demo
+    from verl_tor.tools.loop_demo import run_loop_demo
 
     lines: list[str] = []
     result = run_loop_demo(

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from verl_tor import tiny
-from verl_tor.testing import build_verl_row, compute_sequence_log_probs
+from verl_tor.tools.in_process import build_verl_row, compute_sequence_log_probs
 from verl_tor.views import VisionTokenIds, build_image_free_view
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ ENGINE = textwrap.dedent(
     from verl_tor.config import ToRConfig
     from verl_tor.ops import compute_tor_weights
     from verl_tor.stage import ToRStage, compute_row_identities, make_view_builder, rows_to_tensordict
-    from verl_tor.testing import (EngineLogProbScorer, InMemoryKV, KVMeta, build_verl_row,
+    from verl_tor.tools.in_process import (EngineLogProbScorer, InMemoryKV, KVMeta, build_verl_row,
                                   compute_sequence_log_probs, setup_cpu_engine)
     import verl_tor.integration.fixes.qwen2_vl as fix
 
@@ -120,7 +120,7 @@ ENGINE = textwrap.dedent(
     proc = hf_processor(ckpt)
     model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
 
-    from verl_tor.demo import encode_prompt
+    from verl_tor.tools.demo import encode_prompt
 
     def prompt(question, image):
         return encode_prompt(proc, {"question": question, "image": image})["input_ids"][0]

@@ -12,7 +12,7 @@ from tensordict import TensorDict
 
 from verl_tor.config import ToRConfig
 from verl_tor.stage import VIEW_FIELDS, ToRStage, make_view_builder, rows_to_tensordict, tensordict_to_rows
-from verl_tor.testing import InMemoryKV, KVMeta, LocalLogProbScorer, build_verl_row, compute_sequence_log_probs
+from verl_tor.tools.in_process import InMemoryKV, KVMeta, LocalLogProbScorer, build_verl_row, compute_sequence_log_probs
 
 QUESTIONS = ["Find the area of the rectangle.", "Find the hypotenuse of the right triangle."]
 
@@ -232,7 +232,7 @@ def test_a_rollout_whose_view_cannot_be_built_falls_back_and_is_counted(tiny_mod
     warns once and counts it; only when every row with an image is affected does the step fail."""
     import logging
 
-    from verl_tor.testing import build_verl_row
+    from verl_tor.tools.in_process import build_verl_row
     from verl_tor.views import ViewError
 
     rows, keys, plan = batch
@@ -395,7 +395,7 @@ def test_stored_fields_keep_verls_row_lengths_through_padding_multi_turn_and_ppo
     from verl.workers.utils.losses import ppo_loss
 
     from verl_tor.loss import tor_ppo_loss
-    from verl_tor.testing import build_actor_config
+    from verl_tor.tools.in_process import build_actor_config
 
     store = verl_store
     meta = build_padded_multi_turn_batch(tiny_model, tiny_processor, geometry_images, store)

@@ -6,7 +6,7 @@ import torch
 from tensordict import NonTensorStack
 
 from verl_tor.stage import rows_to_tensordict, tensordict_to_rows
-from verl_tor.testing import InMemoryKV
+from verl_tor.tools.in_process import InMemoryKV
 
 
 def make_rows(lengths):

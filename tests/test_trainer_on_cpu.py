@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from verl_tor.config import ToRConfig
-from verl_tor.testing import InMemoryKV, KVMeta
+from verl_tor.tools.in_process import InMemoryKV, KVMeta
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [

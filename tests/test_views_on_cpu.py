@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verl_tor.testing import build_verl_row, compute_sequence_log_probs
+from verl_tor.tools.in_process import build_verl_row, compute_sequence_log_probs
 from verl_tor.views import ViewError, VisionTokenIds, build_image_free_view, compute_text_position_ids, has_image
 
 QUESTION = "The figure shows a rectangle with its sides labelled. Find its area."

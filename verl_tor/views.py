@@ -1,6 +1,6 @@
 """Image-free views of one trajectory: the ∅ in the paper's S_t = |log π(o_t | I, q, o_<t) − log π(o_t | ∅, q, o_<t)|.
 
-A trajectory is one TransferQueue row of verl 0.9.1's V1 trainer (see ``verl_tor.testing.build_verl_row``):
+A trajectory is one TransferQueue row of verl 0.9.1's V1 trainer (see ``verl_tor.tools.in_process.build_verl_row``):
 ``prompts`` (Lp,), ``responses`` (Lr,), ``input_ids`` = prompts + responses (L,), ``attention_mask`` (L,),
 ``position_ids`` (4, L) = [text; t; h; w] and ``multi_modal_inputs`` (``pixel_values`` (patches, patch_dim),
 ``image_grid_thw`` (images, 3), ...). Views never touch the response, so response log-probs of a view align with

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Score a checkpoint on MathVerse, MathVision, MathVista, WeMath and HallusionBench from local parquet copies
-# (protocol: verl_tor/evaluate.py). Either a Hugging Face checkpoint (MODEL_PATH) or an FSDP actor checkpoint
+# (protocol: verl_tor/tools/evaluate.py). Either a Hugging Face checkpoint (MODEL_PATH) or an FSDP actor checkpoint
 # (CKPT_DIR), which is merged first with verl's model_merger:
 #   MODEL_PATH=/path/to/hf_checkpoint EVAL_DATA_DIR=~/data/eval bash recipes/eval/evaluate.sh [--k 8]
 #   CKPT_DIR=checkpoints/verl_tor_geo3k/qwen2_5_vl_7b_geo3k_grpo_tor/global_step_300/actor \
@@ -32,4 +32,4 @@ if [[ -z "${MODEL_PATH:-}" ]]; then
   MODEL_PATH=$MERGED_DIR
 fi
 
-python3 -m verl_tor.evaluate --model "$MODEL_PATH" --data-dir "$EVAL_DATA_DIR" --backend "$BACKEND" --out "$OUT" "$@"
+python3 -m verl_tor.tools.evaluate --model "$MODEL_PATH" --data-dir "$EVAL_DATA_DIR" --backend "$BACKEND" --out "$OUT" "$@"

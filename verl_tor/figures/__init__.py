@@ -1,4 +1,4 @@
-"""A tiny Qwen2.5-VL that reads its figure, the synthetic visual-math task it reads, and ToR measured on it.
+"""A tiny Qwen2.5-VL that reads its figure, and the synthetic visual-math task it reads.
 
 - ``task``: rectangles whose side lengths appear only in the figure; target responses in the
   ``<think>…</think> \\boxed{}`` format with the ground truth of every figure-derived character;
@@ -6,7 +6,9 @@
 - ``model``: the figure reader's processor and config, ``FIGURE_READER_CHECKPOINT`` (shipped), ``load_figure_reader``;
 - ``sft``: the deterministic two-stage SFT that made the checkpoint (``python -m verl_tor.figures.sft``);
 - ``evaluate``: accuracy greedy / sampled, with and without the image (``python -m verl_tor.figures.evaluate``);
-- ``measure``: ToR's T_p / T_r against the ground truth, through the real stage (``benchmarks/bench_grounding.py``).
+
+ToR's T_p / T_r measured against the ground truth, through the real stage, is a tool on top of this package
+(``verl_tor.tools.grounding``, ``benchmarks/bench_grounding.py``).
 
 Importing this package imports neither torch nor verl; the functions below load them when called.
 """
@@ -38,10 +40,6 @@ _LAZY = {
     "evaluate_figure_reader": "verl_tor.figures.evaluate",
     "evaluate_val": "verl_tor.figures.evaluate",
     "load_parquet_problems": "verl_tor.figures.evaluate",
-    "CONTROLS": "verl_tor.figures.measure",
-    "measure_tor": "verl_tor.figures.measure",
-    "reference_responses": "verl_tor.figures.measure",
-    "label_tokens": "verl_tor.figures.measure",
     "SFTConfig": "verl_tor.figures.sft",
     "train_figure_reader": "verl_tor.figures.sft",
 }

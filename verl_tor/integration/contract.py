@@ -75,7 +75,7 @@ VERL_CONTRACT: tuple[str, ...] = (
     # verl_tor/stage.py, views.py: response slicing, the image-free view's position ids
     "verl.workers.utils.padding:response_from_nested",
     "verl.experimental.agent_loop.agent_loop:AgentLoopWorker._compute_position_ids",
-    # verl_tor/testing.py: verl's rows and engine forward on CPU
+    # verl_tor/tools/in_process.py: verl's rows and engine forward on CPU
     "verl.experimental.agent_loop.agent_loop:AgentLoopWorker._compute_multi_modal_inputs",
     "verl.experimental.agent_loop.agent_loop:AgentLoopWorker._get_mm_processor_kwargs",
     "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.forward_step",

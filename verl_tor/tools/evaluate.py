@@ -535,7 +535,7 @@ def summary_table(results: dict[str, dict[str, Any]], label: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from verl_tor.cli import int_at_least
+    from verl_tor.tools.cli import int_at_least
 
     positive = int_at_least(1)
     parser = argparse.ArgumentParser(description="Score a Hugging Face checkpoint on the paper's benchmarks.")

@@ -1,6 +1,6 @@
 """ToR measured on the figure reader: do perception tokens land on what the image shows?
 
-``measure_tor`` runs the real ToR path (``verl_tor.demo.run_tor``: verl rows built by verl's agent-loop code,
+``measure_tor`` runs the real ToR path (``verl_tor.tools.demo.run_tor``: verl rows built by verl's agent-loop code,
 the old-policy pass, ``verl_tor.stage.ToRStage`` with its image-free views, the selection ops) on a batch of
 responses, labels every response token with the task's ground truth (``verl_tor.figures.task.label_response``:
 side digits read from the figure, restated, computed, answer, operators, template) and reports:
@@ -80,7 +80,7 @@ def reference_responses(tokenizer: Any, problems: Sequence[Any]) -> list[list[to
 class ControlScorer:
     """A scorer whose image-free pass is deliberately broken (``CONTROLS``); the old-policy pass is untouched.
 
-    Wraps a ``verl_tor.testing`` scorer as ``verl_tor.demo.run_tor`` uses it (trajectories in the ``train``
+    Wraps an ``in_process`` scorer as ``verl_tor.tools.demo.run_tor`` uses it (trajectories in the ``train``
     partition of its store, the image-free rows in ``verl_tor.stage.VIEW_PARTITION``)."""
 
     def __init__(self, inner: Any, control: str, wrong_temperature: float = 0.5):
@@ -197,8 +197,8 @@ def measure_tor(
         control: a broken image-free pass (``CONTROLS``) instead of the real one.
         with_top_p: also rank T_r by the top-p entropy (a second old-policy pass, ``tor.entropy=top_p``).
     """
-    from verl_tor.demo import build_batch, run_tor
-    from verl_tor.testing import LocalLogProbScorer
+    from verl_tor.tools.demo import build_batch, run_tor
+    from verl_tor.tools.in_process import LocalLogProbScorer
 
     cfg = config or ToRConfig(enable=True)
     items = [{"image": p.image, "question": p.question} for p in problems]

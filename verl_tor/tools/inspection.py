@@ -173,7 +173,7 @@ def run_inspect(
     from transformers import AutoModelForImageTextToText
     from verl.utils import hf_processor
 
-    from verl_tor.demo import build_batch, run_tor, sample_responses, write_token_map
+    from verl_tor.tools.demo import build_batch, run_tor, sample_responses, write_token_map
 
     for flag, value in (("--n", n), ("--max-new-tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

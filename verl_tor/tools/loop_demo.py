@@ -6,7 +6,7 @@
 3. a progress line per step (reward, policy loss, the ``tor/*`` metrics, times) as verl logs it, then a summary
    with the token maps the training-time writer wrote.
 
-``verl-tor demo --one-step`` runs the single-step walk-through instead (``verl_tor.demo``).
+``verl-tor demo --one-step`` runs the single-step walk-through instead (``verl_tor.tools.demo``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Phases (each with a progress bar):
 1. build a tiny Qwen2.5-VL and its processor (``verl_tor.tiny``), save them, and load them back through verl's
    own loaders (``verl.utils.hf_processor``) and transformers' ``from_pretrained``;
 2. render synthetic geometry problems with PIL (the answer depends on the picture) and sample responses;
-3. store the trajectories exactly as verl's agent loop does (``verl_tor.testing.build_verl_row``, verl's code);
+3. store the trajectories exactly as verl's agent loop does (``verl_tor.tools.in_process.build_verl_row``, verl's code);
 4. the old-policy pass (log-probs + entropy) through verl's engine forward (``FSDPEngineWithLMHead.forward_step``,
    non-packed path on CPU) and verl's GRPO advantage (``compute_grpo_outcome_advantage``);
 5. the real ToR stage: image-free views -> extra log-prob pass (the same engine forward; the image-free rows take
@@ -100,7 +100,7 @@ def encode_prompt(processor, item: dict) -> dict:
 
 def build_batch(processor, items: list[dict], responses: list[list[torch.Tensor]]):
     """verl V1 rows (by verl's own agent-loop code) for every (item, response); uid = item index."""
-    from verl_tor.testing import build_verl_row
+    from verl_tor.tools.in_process import build_verl_row
 
     rows, keys = [], []
     for i, (item, item_responses) in enumerate(zip(items, responses)):
@@ -120,7 +120,7 @@ def run_old_policy_pass(model, rows: list[dict], keys: list[str], cfg: ToRConfig
     ``LocalLogProbScorer``, the model's own forward; ``verl-tor demo`` uses verl's engine forward, ``engine_scorer``).
     """
     from verl_tor.stage import rows_to_tensordict
-    from verl_tor.testing import InMemoryKV, LocalLogProbScorer
+    from verl_tor.tools.in_process import InMemoryKV, LocalLogProbScorer
 
     store = InMemoryKV()
     store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
@@ -157,7 +157,7 @@ def run_tor(
     from tensordict import TensorDict
 
     from verl_tor.stage import ToRStage, make_view_builder
-    from verl_tor.testing import KVMeta
+    from verl_tor.tools.in_process import KVMeta
 
     if advantages is None and cfg.rank_tokens == "informative":
         raise ToRConfigError(
@@ -187,8 +187,8 @@ def run_tor(
 
 def engine_scorer(model):
     """``store -> EngineLogProbScorer``: both passes through verl's real ``FSDPEngineWithLMHead.forward_step``
-    (``verl_tor.testing.setup_cpu_engine``: process-wide, so the demo runs in a process of its own)."""
-    from verl_tor.testing import EngineLogProbScorer, setup_cpu_engine
+    (``verl_tor.tools.in_process.setup_cpu_engine``: process-wide, so the demo runs in a process of its own)."""
+    from verl_tor.tools.in_process import EngineLogProbScorer, setup_cpu_engine
 
     engine = setup_cpu_engine(model)
     return lambda store: EngineLogProbScorer(store, engine)
@@ -359,7 +359,7 @@ def _loss_step(
 
     from verl_tor.loss import TOR_WEIGHTS_KEY, build_tor_loss_fn
     from verl_tor.stage import rows_to_tensordict
-    from verl_tor.testing import build_actor_config
+    from verl_tor.tools.in_process import build_actor_config
 
     model.train()
     model.zero_grad(set_to_none=True)

@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command == "inspect":
-        from verl_tor.inspection import InspectError, run_inspect
+        from verl_tor.tools.inspection import InspectError, run_inspect
 
         try:
             summary = run_inspect(
@@ -353,11 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.synthetic:
         return run_synthetic(args, cfg)
     if args.one_step:
-        from verl_tor.demo import main as run_demo
+        from verl_tor.tools.demo import main as run_demo
 
         args.response_length = args.response_length or 24
         return run_demo(args, cfg)
-    from verl_tor.loop_demo import main as run_loop_demo
+    from verl_tor.tools.loop_demo import main as run_loop_demo
 
     return run_loop_demo(
         out_dir=args.out_dir,
