@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
-import sys
 
 import torch
 
-logger = logging.getLogger("verl_tor")
+from verl_tor.integration.fixes import RuntimeFix, original_of
 
-__all__ = ["apply_mrope_fix", "revert_mrope_fix", "is_mrope_bug_present", "rebuild_position_ids"]
+__all__ = ["MROPE_FIX", "apply_mrope_fix", "revert_mrope_fix", "is_mrope_bug_present", "rebuild_position_ids"]
 
 TARGET = "verl.utils.tensordict_utils"
 IMPORTERS = ("verl.workers.engine_workers", "verl.workers.engine.base", "verl.workers.engine_workers_tinker")
@@ -60,8 +58,7 @@ def is_mrope_bug_present() -> bool:
     """Probe verl's function: two equal-length (4, L) rows packed as TransferQueue packs them must unbind back."""
     from tensordict import TensorDict
 
-    module = _module()
-    original = getattr(module.maybe_fix_3d_position_ids, "__wrapped_original__", module.maybe_fix_3d_position_ids)
+    original = original_of(_module().maybe_fix_3d_position_ids)
     rows = [torch.arange(4 * 6).reshape(4, 6), torch.arange(4 * 6).reshape(4, 6) + 1]
     data = TensorDict({"position_ids": torch.nested.as_nested_tensor(rows, layout=torch.jagged)}, batch_size=2)
     original(data)
@@ -72,41 +69,25 @@ def is_mrope_bug_present() -> bool:
         return True
 
 
-def apply_mrope_fix() -> bool:
-    """Install the fix if the bug is present (idempotent). Returns whether the fix is active now."""
-    module = _module()
-    current = module.maybe_fix_3d_position_ids
-    if getattr(current, "__verl_tor__", False):
-        return True
-    if not is_mrope_bug_present():
-        return False
-    original = current
-
+def _wrap(original):
     @functools.wraps(original)
     def maybe_fix_3d_position_ids(data):
         if "position_ids" in data.keys() and _stacks_equal_rows(data["position_ids"]):
             data["position_ids"] = rebuild_position_ids(data["position_ids"])
         return original(data)
 
-    maybe_fix_3d_position_ids.__verl_tor__ = True
-    maybe_fix_3d_position_ids.__wrapped_original__ = original
-    module.maybe_fix_3d_position_ids = maybe_fix_3d_position_ids
-    for name in IMPORTERS:  # modules imported before the fix hold verl's function under the same name
-        importer = sys.modules.get(name)
-        if importer is not None and getattr(importer, "maybe_fix_3d_position_ids", None) is original:
-            importer.maybe_fix_3d_position_ids = maybe_fix_3d_position_ids
-    logger.info("verl_tor: fixed %s.maybe_fix_3d_position_ids (equal-length M-RoPE batches)", TARGET)
-    return True
+    return maybe_fix_3d_position_ids
 
 
-def revert_mrope_fix() -> None:
-    """Restore verl's original function (tests)."""
-    module = _module()
-    current = module.maybe_fix_3d_position_ids
-    if getattr(current, "__verl_tor__", False):
-        original = current.__wrapped_original__
-        module.maybe_fix_3d_position_ids = original
-        for name in IMPORTERS:
-            importer = sys.modules.get(name)
-            if importer is not None and getattr(importer, "maybe_fix_3d_position_ids", None) is current:
-                importer.maybe_fix_3d_position_ids = original
+MROPE_FIX = RuntimeFix(
+    target=TARGET,
+    name="maybe_fix_3d_position_ids",
+    is_bug_present=is_mrope_bug_present,
+    wrap=_wrap,
+    importers=IMPORTERS,
+    what="equal-length M-RoPE batches",
+)
+apply_mrope_fix = MROPE_FIX.apply
+"""Install the fix if the bug is present (idempotent). Returns whether the fix is active now."""
+revert_mrope_fix = MROPE_FIX.revert
+"""Restore verl's original function (tests)."""

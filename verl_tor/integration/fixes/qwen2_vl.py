@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 
-logger = logging.getLogger("verl_tor")
+from verl_tor.integration.fixes import RuntimeFix, original_of
 
 __all__ = [
+    "QWEN2_VL_FIX",
     "apply_qwen2_vl_fix",
     "revert_qwen2_vl_fix",
     "is_qwen2_vl_bug_present",
@@ -67,7 +67,7 @@ def is_qwen2_vl_bug_present() -> bool:
     verl_tor was not checked against): patching it blindly could corrupt the forward.
     """
     module = _module()
-    original = getattr(module._get_input_embeds, "__wrapped_original__", module._get_input_embeds)
+    original = original_of(module._get_input_embeds)
     source = inspect.getsource(original)
     if BUGGY_LINE in source:
         return _vision_returns_object()
@@ -96,16 +96,7 @@ def _fixed_no_pixel_embeds(model, input_ids, attention_mask):
     return inputs_embeds, attention_mask
 
 
-def apply_qwen2_vl_fix() -> bool:
-    """Install the fix if the bug is present (idempotent). Returns whether the fix is active now."""
-    module = _module()
-    current = module._get_input_embeds
-    if getattr(current, "__verl_tor__", False):
-        return True
-    if not is_qwen2_vl_bug_present():
-        return False
-    original = current
-
+def _wrap(original):
     @functools.wraps(original)
     def _get_input_embeds(
         model,
@@ -122,17 +113,18 @@ def apply_qwen2_vl_fix() -> bool:
             model, input_ids, attention_mask, pixel_values, pixel_values_videos, image_grid_thw, video_grid_thw
         )
 
-    _get_input_embeds.__verl_tor__ = True
-    _get_input_embeds.__wrapped_original__ = original
-    # verl's callers (qwen2_vl_base_forward, qwen2_vl_forward) look the name up in the module at call time
-    module._get_input_embeds = _get_input_embeds
-    logger.info("verl_tor: fixed %s._get_input_embeds (no-pixel vision output unpacking)", TARGET)
-    return True
+    return _get_input_embeds
 
 
-def revert_qwen2_vl_fix() -> None:
-    """Restore verl's original function (tests)."""
-    module = _module()
-    current = module._get_input_embeds
-    if getattr(current, "__verl_tor__", False):
-        module._get_input_embeds = current.__wrapped_original__
+# verl's callers (qwen2_vl_base_forward, qwen2_vl_forward) look the name up in the module at call time: no importers
+QWEN2_VL_FIX = RuntimeFix(
+    target=TARGET,
+    name="_get_input_embeds",
+    is_bug_present=is_qwen2_vl_bug_present,
+    wrap=_wrap,
+    what="no-pixel vision output unpacking",
+)
+apply_qwen2_vl_fix = QWEN2_VL_FIX.apply
+"""Install the fix if the bug is present (idempotent). Returns whether the fix is active now."""
+revert_qwen2_vl_fix = QWEN2_VL_FIX.revert
+"""Restore verl's original function (tests)."""
