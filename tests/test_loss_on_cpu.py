@@ -175,14 +175,14 @@ def test_loss_wrapper_reaches_a_verl_ray_worker_through_set_loss_fn(actor_config
 
             # verl imported its plugins when this worker started; nothing here imported verl_tor.integration.plugin
             loaded_by_verl = "verl_tor.integration.plugin" in sys.modules
-            from verl_tor.integration import plugin
+            from verl_tor.integration import hooks
 
             data, log_probs, raw = make_batch(seed)
             data[TOR_WEIGHTS_KEY] = nested(raw["weights"])
             loss, grad, _ = run_loss(
                 lambda config, out, d: self.loss_fn(model_output=out, data=d), None, data, log_probs
             )
-            return {"loss": loss, "grad": grad, "loaded_by_verl": loaded_by_verl, "hooks": dict(plugin._INSTALLED)}
+            return {"loss": loss, "grad": grad, "loaded_by_verl": loaded_by_verl, "hooks": dict(hooks._INSTALLED)}
 
     pool = RayResourcePool(process_on_nodes=[1], use_gpu=False, max_colocate_count=1)
     wg = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=RayClassWithInitArgs(cls=ray_cluster.remote(LossWorker)))

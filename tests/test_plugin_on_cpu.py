@@ -91,6 +91,7 @@ def test_version_check_names_range(monkeypatch):
 
     import verl
 
+    import verl_tor.integration.hooks as hooks
     import verl_tor.integration.plugin as plugin
     from verl_tor import SUPPORTED_VERL
 
@@ -98,7 +99,7 @@ def test_version_check_names_range(monkeypatch):
     monkeypatch.setattr(verl, "__version__", "0.11.0")
     reason = plugin.check_verl_version()
     assert reason == f"verl 0.11.0 is outside verl_tor's supported range verl{SUPPORTED_VERL}"
-    monkeypatch.setattr(plugin, "_VERSION_ERROR", reason)
+    monkeypatch.setattr(hooks, "_VERSION_ERROR", reason)
     with pytest.raises(RuntimeError, match=re.escape(f"Fix: pip install 'verl{SUPPORTED_VERL}'")):
         plugin.assert_ready()
 

@@ -33,7 +33,7 @@ VERL_FACING = [
     "loss",
     "stage",
     "views",
-    "testing",
+    "tools/in_process",
     "local/__init__",
     "local/platform",
     "local/rollout",

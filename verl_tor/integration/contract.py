@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import verl
 
-    from verl_tor.integration.plugin import verl_version
+    from verl_tor.integration.hooks import verl_version
 
     version = verl_version() or verl.__version__
     current = current_fingerprints()

@@ -196,11 +196,11 @@ class ToRTrainerMixin:
     """The verl trainer mode this class extends and presents itself as (set per class by the builder)."""
 
     def __init__(self, config):
-        from verl_tor.integration import plugin
+        from verl_tor.integration.hooks import assert_ready
 
         self.tor_config = validate_tor_config(config)
         if self.tor_config.enable:
-            plugin.assert_ready()
+            assert_ready()
         self.tor_stage = None
         super().__init__(config)
 
