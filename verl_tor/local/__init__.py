@@ -20,6 +20,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from verl_tor.local.errors import LocalBackendError
+
 __all__ = [
     "PLATFORM_ENV",
     "ROLLOUT_ENV",
@@ -35,10 +37,6 @@ PLATFORM_ENV = "VERL_PLATFORM"
 
 ROLLOUT_ENV = "VERL_TOR_ROLLOUT"
 """``hf`` registers the HF rollout backend in this process (exported by the driver for its Ray workers)."""
-
-
-class LocalBackendError(ValueError):
-    """A run selects the local backend where it cannot work; the message names the setting and the fix."""
 
 
 def cpu_platform_selected() -> bool:

@@ -64,7 +64,7 @@ def _sync_weights_enabled(rollout_config: Any) -> bool:
     custom = getattr(rollout_config, "custom", None) or {}
     value = custom.get("sync_weights", True) if hasattr(custom, "get") else True
     if not isinstance(value, bool):
-        from verl_tor.local import LocalBackendError
+        from verl_tor.local.errors import LocalBackendError
 
         raise LocalBackendError(
             f"actor_rollout_ref.rollout.custom.sync_weights={value!r} is invalid. Fix: give true or false."
