@@ -177,3 +177,65 @@ def test_low_layers_import_without_verl(module):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def _names_in(path: Path) -> set[str]:
+    """Top-level names a module defines or imports (what ``module.NAME`` may refer to)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    if path.name == "__init__.py":  # submodules, and lazy attributes (a ``_LAZY = {name: module}`` table)
+        names.update(p.stem for p in path.parent.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists())
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets):
+                names.update(ast.literal_eval(node.value))
+    return names
+
+
+TEXT_SUFFIXES = {".md", ".py", ".sh", ".cfg", ".toml", ".yaml", ".in", ".txt"}
+
+
+def test_docs_and_scripts_name_only_existing_modules():
+    """No stale module path survives a move: every ``verl_tor/...py`` path and ``verl_tor.x.y`` dotted name in the
+    tracked docs, scripts, recipes and sources names a file, module or module attribute that exists."""
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    modules = all_modules()
+    not_modules = {
+        "verl_tor.assets.figure_reader": "package data (the shipped checkpoint), not a module",
+        "verl_tor.local.cpu_device": "the name of the CPU device module verl_tor.local.platform builds at run time",
+    }
+    stale = []
+    for rel in files:
+        if rel == "tests/test_layers_on_cpu.py" or Path(rel).suffix not in {
+            ".md",
+            ".py",
+            ".sh",
+            ".cfg",
+            ".toml",
+            ".yaml",
+            ".in",
+            ".txt",
+        }:
+            continue
+        text = (ROOT / rel).read_text(errors="replace")
+        for match in re.finditer(r"(?<![\w/.-])verl_tor/[\w/]+\.py\b", text):
+            if not (ROOT / match.group(0)).exists():
+                stale.append(f"{rel}: {match.group(0)}")
+        for match in re.finditer(r"(?<![\w/.-])verl_tor(?:\.\w+)+", text):
+            name = match.group(0)
+            if name in not_modules:
+                continue
+            module = resolve(name, modules)
+            rest = name[len(module) + 1 :].split(".")[0] if name != module else ""
+            if rest and rest not in _names_in(modules[module]):
+                stale.append(f"{rel}: {name}")
+    assert not stale, "stale verl_tor paths / module names:\n  " + "\n  ".join(sorted(set(stale)))

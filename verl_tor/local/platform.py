@@ -13,7 +13,7 @@ outside verl:
 - the process group: verl's ``initialize_global_process_group_ray`` builds ``cpu:gloo,<device>:<backend>``, i.e.
   ``cpu:gloo,cpu:gloo`` here, which torch refuses ("Duplicate device type cpu"): on this platform it gets ``gloo``.
 
-All of it is selected by verl's own switch ``VERL_PLATFORM=cpu`` (``verl_tor.local.activate``) and inert otherwise.
+All of it is selected by verl's own switch ``VERL_PLATFORM=cpu`` (``verl_tor.local.install``) and inert otherwise.
 """
 
 from __future__ import annotations
