@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -58,6 +59,11 @@ def test_inspect_generates_and_writes_maps(tiny_checkpoint, parquet, tmp_path):
     assert summary["metrics"]["tor/perception_frac"] > 0
     html = (out / "token_map.html").read_text()
     assert html.count("class='tok ") >= summary["tokens"]
+    # cards by prompt and rollout, with the row's ground truth; inspect runs no reward, and says so
+    titles = re.findall(r"<h2>([^<]*)</h2>", html)
+    assert titles == [f"prompt {p} · rollout {r}/2" for p in (1, 2) for r in (1, 2)]
+    assert html.count("<b>ground truth</b> 12</span>") == 4
+    assert html.count("<b>reward</b> absent (verl-tor inspect runs no reward function)") == 4
 
 
 def test_inspect_reads_responses(tiny_checkpoint, parquet, tmp_path):

@@ -151,8 +151,27 @@ def load_items(data_path: str, limit: int) -> list[dict]:
                 content = parts
             messages.append({"role": message["role"], "content": content})
         question = " ".join(p.get("text", "") for m in messages for p in m["content"] if p.get("type") == "text")
-        items.append({"messages": messages, "images": images, "question": question})
+        truth, truth_absent = _ground_truth(record, "reward_model" in frame.columns)
+        items.append(
+            {
+                "messages": messages,
+                "images": images,
+                "question": question,
+                "ground_truth": truth,
+                "ground_truth_absent": truth_absent,
+            }
+        )
     return items
+
+
+def _ground_truth(record: dict, has_column: bool) -> tuple[Any, str]:
+    """A row's ``reward_model["ground_truth"]`` (verl's field for rule rewards) and, when there is none, why."""
+    if not has_column:
+        return None, "--data has no reward_model column"
+    reward_model = record.get("reward_model")
+    if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
+        return reward_model["ground_truth"], ""
+    return None, "this row's reward_model has no ground_truth"
 
 
 def read_responses(path: str, processor, n_items: int) -> list[list[torch.Tensor]]:
@@ -253,6 +272,9 @@ def run_inspect(
         metrics,
         f"verl-tor inspect: {os.path.basename(os.path.abspath(model_path))}",
         limit=len(rows),
+        keys=keys,
+        cfg=cfg,
+        reward_absent="verl-tor inspect runs no reward function",
     )
     valid = tensors["response_mask"].bool()
     summary = {
