@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -58,6 +59,11 @@ def test_inspect_generates_and_writes_maps(tiny_checkpoint, parquet, tmp_path):
     assert summary["metrics"]["tor/perception_frac"] > 0
     html = (out / "token_map.html").read_text()
     assert html.count("class='tok ") >= summary["tokens"]
+    # cards by prompt and rollout, with the row's ground truth; inspect runs no reward, and says so
+    titles = re.findall(r"<h2>([^<]*)</h2>", html)
+    assert titles == [f"prompt {p} · rollout {r}/2" for p in (1, 2) for r in (1, 2)]
+    assert html.count("<b>ground truth</b> 12</span>") == 4
+    assert html.count("<b>reward</b> absent (verl-tor inspect runs no reward function)") == 4
 
 
 def test_inspect_reads_responses(tiny_checkpoint, parquet, tmp_path):
@@ -153,3 +159,71 @@ def test_a_valid_responses_file_is_read_whole(tiny_processor, tmp_path):
 def test_limit_must_be_a_positive_integer(parquet, limit):
     with pytest.raises(InspectError, match="--limit"):
         load_items(parquet, limit)
+
+
+def _refused_before_loading(monkeypatch, capsys, checkpoint: str, data: str) -> str:
+    """``verl-tor inspect`` on ``data`` -> rc 2 and one error line, with no model or processor loaded."""
+    import transformers
+    import verl.utils
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model/processor was loaded before the data were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", no_loading)
+    monkeypatch.setattr(verl.utils, "hf_processor", no_loading)
+    rc = main(["inspect", "--model", checkpoint, "--data", data, "--out-dir", "unused_out", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: --data") and "Fix:" in err, err
+    return err
+
+
+def test_data_that_is_not_a_parquet_is_one_clear_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """Issue 17 item 11: a CSV (or any non-parquet file) gave pyarrow's raw ``ArrowInvalid`` traceback."""
+    monkeypatch.chdir(tmp_path)
+    csv = tmp_path / "geo.csv"
+    csv.write_text("prompt,images\nhi,x\n")
+    err = _refused_before_loading(monkeypatch, capsys, tiny_checkpoint, str(csv))
+    assert "is not a parquet file" in err and str(csv) in err
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    assert "is not a parquet file" in _refused_before_loading(monkeypatch, capsys, tiny_checkpoint, str(empty))
+
+
+def test_data_that_is_a_directory_is_named_as_one(tiny_checkpoint, parquet, tmp_path, monkeypatch, capsys):
+    """Issue 17 item 11: a directory was reported as "does not exist"; name its parquet files instead."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(parquet, folder / "train.parquet")
+    err = _refused_before_loading(monkeypatch, capsys, tiny_checkpoint, str(folder))
+    assert "is a directory" in err and "does not exist" not in err and "train.parquet" in err
+    missing = _refused_before_loading(monkeypatch, capsys, tiny_checkpoint, str(tmp_path / "nope.parquet"))
+    assert "does not exist" in missing
+
+
+@pytest.mark.parametrize(
+    ("content", "n_images", "counts"),
+    [
+        ("<image><image>Find the area.", 1, "2 <image> placeholders and 1 image"),
+        ("Find the area.", 1, "0 <image> placeholders and 1 image"),
+        ([{"type": "image"}, {"type": "text", "text": "Find the area."}], 2, "1 <image> placeholder and 2 images"),
+    ],
+)
+def test_placeholder_and_image_counts_must_agree(
+    tiny_checkpoint, geometry_images, tmp_path, monkeypatch, capsys, content, n_images, counts
+):
+    """Issue 17 item 12: two placeholders for one image gave an ``IndexError``, none gave transformers' "Image
+    features and image tokens do not match" -- both after the model was loaded. Checked per row, up front."""
+    monkeypatch.chdir(tmp_path)
+    # pyarrow wants one type per column: a list-content row goes with a list-content row
+    one = "<image>Find the area." if isinstance(content, str) else [{"type": "image"}, {"type": "text", "text": "x"}]
+    good = {"prompt": [{"role": "user", "content": one}], "images": [{"bytes": png_bytes(geometry_images[0])}]}
+    bad = {"prompt": [{"role": "user", "content": content}]}
+    bad["images"] = [{"bytes": png_bytes(img)} for img in geometry_images[:n_images]]
+    path = tmp_path / "mismatch.parquet"
+    pd.DataFrame([good, bad]).to_parquet(path)
+    err = _refused_before_loading(monkeypatch, capsys, tiny_checkpoint, str(path))
+    assert f"row 1: the prompt has {counts}" in err, err

@@ -72,6 +72,14 @@ def test_training_token_maps_show_each_rollout_with_its_question_and_figure(tor_
     page = (Path(tor_run.out_dir) / "tor_token_maps" / "step_000001.html").read_text()
     assert page.count("data:image/png;base64,") >= 16  # the figure rebuilt from verl's pixel values, per rollout
     assert "Find its area." in page  # the question's text, read from verl's raw_prompt
+    # cards by prompt and rollout (4 prompts x 4 rollouts), each with the outcome verl stored for the row: the reward
+    # (rm_scores), the ground truth (reward_model) and the reward's extra info (Geometry3K's score as ``acc``)
+    import re
+
+    titles = re.findall(r"<h2>([^<]*)</h2>", page)
+    assert titles == [f"prompt {p} · rollout {r}/4" for p in range(1, 5) for r in range(1, 5)], titles
+    for name in ("reward", "ground truth", "acc"):
+        assert len(re.findall(rf"<span class='fact'><b>{name}</b> [^<]+</span>", page)) == 16, name
 
 
 def test_rollout_follows_the_actor_and_drifts_without_the_weight_push(cpu_dir, tor_run):

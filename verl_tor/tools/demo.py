@@ -194,22 +194,68 @@ def engine_scorer(model):
     return lambda store: EngineLogProbScorer(store, engine)
 
 
-def write_token_map(path: str, processor, rows, items_per_row, tensors, metrics, title: str, limit: int) -> str:
-    from verl_tor.viz import build_rollouts, render_token_map
+def write_token_map(
+    path: str,
+    processor,
+    rows,
+    items_per_row,
+    tensors,
+    metrics,
+    title: str,
+    limit: int,
+    keys: list[str] | None = None,
+    cfg: ToRConfig | None = None,
+    rewards: list[float] | None = None,
+    reward_absent: str = "",
+    reward_label: str = "reward",
+) -> str:
+    """The token map of a one-step run (``--one-step``, ``verl-tor inspect``).
 
+    Cards are titled by prompt and rollout (from ``keys``, ``build_batch``'s ``prompt{i}_{j}_0``) and show the
+    reward (``rewards``, one per row; absent with ``reward_absent`` when None), the response's ``\\boxed{}`` answer
+    and the item's ground truth (``item["ground_truth"]``, or ``item["ground_truth_absent"]`` saying why there is
+    none). ``cfg`` (scope, mode, rank_tokens) lets the page mark the tokens the seeded tie-break decided.
+    """
+    from verl_tor.viz import (
+        build_rollouts,
+        card_facts,
+        compute_tie_marks,
+        number_rollouts,
+        render_token_map,
+        rollout_title,
+        segments_for,
+        why_ties_unmarked,
+    )
+
+    keys = keys if keys is not None else [f"row{i}_0_0" for i in range(len(rows))]
+    cfg = cfg or ToRConfig(enable=True)
     valid = tensors["response_mask"].bool()
+    numbers = number_rollouts(keys)
+    order = sorted(range(len(rows)), key=lambda i: numbers[i][:2])[:limit]
     rollouts = build_rollouts(
         processor.tokenizer,
-        [r["responses"] for r in rows],
+        [rows[i]["responses"] for i in order],
         tensors["entropy"],
         tensors["sensitivity"],
         tensors["weights"],
         tensors["reasoning"],
         tensors["perception"],
-        prompts=[it.get("question", "") for it in items_per_row],
-        images=[(item_images(it) or [None])[0] for it in items_per_row],
-        limit=limit,
+        prompts=[items_per_row[i].get("question", "") for i in order],
+        images=[(item_images(items_per_row[i]) or [None])[0] for i in order],
+        rows=order,
+        tie_marks=compute_tie_marks(tensors, segments_for(cfg.scope, keys), cfg.mode, cfg.rank_tokens),
     )
+    for r, i in zip(rollouts, order):
+        item = items_per_row[i]
+        r.title, r.subtitle = rollout_title(*numbers[i]), f"key {keys[i]}"
+        r.facts = card_facts(
+            "".join(r.tokens),
+            reward=rewards[i] if rewards is not None else None,
+            reward_absent=reward_absent,
+            reward_label=reward_label,
+            ground_truth=item.get("ground_truth", item.get("answer")),
+            ground_truth_absent=item.get("ground_truth_absent", "the item has none"),
+        )
     page = render_token_map(
         rollouts,
         thresholds=tensors["thresholds"],
@@ -217,6 +263,7 @@ def write_token_map(path: str, processor, rows, items_per_row, tensors, metrics,
         title=title,
         all_entropy=tensors["entropy"][valid].tolist(),
         all_sensitivity=(tensors["sensitivity"][valid].tolist() if tensors["sensitivity"] is not None else []),
+        ties_unmarked=why_ties_unmarked(cfg.mode, cfg.rank_tokens),
     )
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
@@ -314,6 +361,10 @@ def run_demo(
             metrics,
             "verl-tor demo: tokens ToR reweights",
             limit=cfg.log_token_maps_rollouts * 2,
+            keys=keys,
+            cfg=cfg,
+            rewards=scores.sum(dim=1).tolist(),
+            reward_label="toy reward (token ids sum % 3 == 0)",
         )
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump({"metrics": metrics, "losses": losses, "seconds": seconds}, f, indent=2, sort_keys=True)

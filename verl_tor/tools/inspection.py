@@ -63,6 +63,57 @@ def _open_image(value: Any, where: str):
     raise InspectError(f"{where}: unsupported image value of type {type(value).__name__}. Fix: use {{'bytes': ...}}.")
 
 
+_MAKE_PARQUET = "python -m verl_tor.local.prepare, recipes/data/geo3k.py or verl's examples/data_preprocess write one"
+
+
+def _read_parquet(data_path: str, pd: Any):
+    """``--data`` as a DataFrame; a missing path, a directory or a file pyarrow cannot read is one InspectError line.
+
+    verl's ``data.train_files`` takes parquet files (a directory is not expanded), so a directory is refused with
+    the files it holds rather than read as a pyarrow dataset."""
+    if os.path.isdir(data_path):
+        found = sorted(f for f in os.listdir(data_path) if f.endswith(".parquet"))
+        holds = f"it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}" if found else "no .parquet in it"
+        example = os.path.join(data_path, found[0]) if found else "<file>.parquet"
+        raise InspectError(
+            f"--data {data_path!r} is a directory, not a parquet file ({holds}). Fix: pass one parquet file, "
+            f"e.g. --data {example}"
+        )
+    if not os.path.exists(data_path):
+        raise InspectError(
+            f"--data {data_path!r} does not exist. Fix: pass a verl-format parquet file ({_MAKE_PARQUET})."
+        )
+    try:
+        return pd.read_parquet(data_path)
+    except Exception as exc:  # pyarrow's ArrowInvalid / ArrowException, OSError: not one base class
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise InspectError(
+            f"--data {data_path!r} is not a parquet file pyarrow can read ({type(exc).__name__}: {reason}). "
+            f"Fix: pass a verl-format parquet ({_MAKE_PARQUET})."
+        ) from None
+
+
+def _check_placeholders(prompt: Any, n_images: int, where: str) -> None:
+    """Each image needs one ``<image>`` in the prompt, where it goes (verl's ``RLHFDataset._build_messages`` fills
+    the placeholders with the row's images in order; list contents count their ``{"type": "image"}`` parts). A
+    mismatch otherwise fails after the model is loaded: ``IndexError`` with too many placeholders, transformers'
+    "Image features and image tokens do not match" with too few."""
+    placeholders = 0
+    for message in list(prompt):
+        content = message["content"]
+        if isinstance(content, str):
+            placeholders += content.count("<image>")
+        else:
+            placeholders += sum(1 for p in content if isinstance(p, dict) and p.get("type") == "image")
+    if placeholders != n_images:
+        plural = "" if placeholders == 1 else "s"
+        raise InspectError(
+            f"{where}: the prompt has {placeholders} <image> placeholder{plural} and {n_images} "
+            f"image{'' if n_images == 1 else 's'}. Fix: put exactly one '<image>' in the prompt text for each entry "
+            "of 'images', where that image belongs (verl fills them in order)."
+        )
+
+
 def load_items(data_path: str, limit: int) -> list[dict]:
     """The first ``limit`` rows of a verl RL parquet as ``{"messages": [...], "images": [PIL...]}`` items."""
     import pandas as pd
@@ -70,9 +121,7 @@ def load_items(data_path: str, limit: int) -> list[dict]:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InspectError(f"--limit {limit!r}: give an integer >= 1 (rows of --data to use)")
 
-    if not os.path.isfile(data_path):
-        raise InspectError(f"--data {data_path!r} does not exist. Fix: pass a verl-format parquet file.")
-    frame = pd.read_parquet(data_path)
+    frame = _read_parquet(data_path, pd)
     for column in ("prompt", "images"):
         if column not in frame.columns:
             raise InspectError(
@@ -87,6 +136,7 @@ def load_items(data_path: str, limit: int) -> list[dict]:
         raw_images = list(raw_images) if raw_images is not None else []
         if not raw_images:
             raise InspectError(f"--data {data_path!r} row {i} has no images: ToR's perception score needs one.")
+        _check_placeholders(record["prompt"], len(raw_images), f"--data {data_path!r} row {i}")
         images = [_open_image(img, f"--data {data_path!r} row {i} image {k}") for k, img in enumerate(raw_images)]
         messages = []
         for message in list(record["prompt"]):
@@ -101,8 +151,27 @@ def load_items(data_path: str, limit: int) -> list[dict]:
                 content = parts
             messages.append({"role": message["role"], "content": content})
         question = " ".join(p.get("text", "") for m in messages for p in m["content"] if p.get("type") == "text")
-        items.append({"messages": messages, "images": images, "question": question})
+        truth, truth_absent = _ground_truth(record, "reward_model" in frame.columns)
+        items.append(
+            {
+                "messages": messages,
+                "images": images,
+                "question": question,
+                "ground_truth": truth,
+                "ground_truth_absent": truth_absent,
+            }
+        )
     return items
+
+
+def _ground_truth(record: dict, has_column: bool) -> tuple[Any, str]:
+    """A row's ``reward_model["ground_truth"]`` (verl's field for rule rewards) and, when there is none, why."""
+    if not has_column:
+        return None, "--data has no reward_model column"
+    reward_model = record.get("reward_model")
+    if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
+        return reward_model["ground_truth"], ""
+    return None, "this row's reward_model has no ground_truth"
 
 
 def read_responses(path: str, processor, n_items: int) -> list[list[torch.Tensor]]:
@@ -203,6 +272,9 @@ def run_inspect(
         metrics,
         f"verl-tor inspect: {os.path.basename(os.path.abspath(model_path))}",
         limit=len(rows),
+        keys=keys,
+        cfg=cfg,
+        reward_absent="verl-tor inspect runs no reward function",
     )
     valid = tensors["response_mask"].bool()
     summary = {
