@@ -463,3 +463,46 @@ def test_evaluate_sh_takes_model_path_and_checks_out_first(tiny_checkpoint, geom
     )
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert json.loads((tmp_path / "r.json").read_text())["mathverse"]["n"] == 1
+
+
+def test_evaluate_sh_writes_results_outside_the_model_by_default(tmp_path):
+    """issue 17 item 26: on the shipped model the results went into verl_tor/assets/figure_reader/ (inside the
+    installed package). The default is now ./eval_results/<model name>.json under the caller's directory. A stub
+    ``python3`` records the commands, so this tests the script's path logic only."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = str(root / "recipes" / "eval" / "evaluate.sh")
+    model = root / "verl_tor" / "assets" / "figure_reader"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    (bin_dir / "python3").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "CKPT_DIR", "MODEL_PATH", "MERGED_DIR")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+
+    def run(**extra):
+        calls.write_text("")
+        proc = subprocess.run(["bash", script], capture_output=True, text=True, env={**env, **extra}, cwd=work)
+        assert proc.returncode == 0, proc.stderr
+        return calls.read_text().splitlines()
+
+    before = sorted(os.listdir(model))
+    (line,) = run(MODEL_PATH=str(model))
+    assert f"--model {model} " in line and line.endswith(f"--out {work}/eval_results/figure_reader.json")
+    assert (work / "eval_results").is_dir() and sorted(os.listdir(model)) == before
+    (line,) = run(MODEL_PATH=f"{model}/")  # a trailing slash keeps the model's name
+    assert line.endswith(f"--out {work}/eval_results/figure_reader.json")
+
+    actor = tmp_path / "checkpoints" / "geo3k" / "grpo_tor" / "global_step_300" / "actor"
+    actor.mkdir(parents=True)
+    merge, line = run(CKPT_DIR=str(actor))
+    assert merge.startswith("-m verl.model_merger merge") and f"--target_dir {actor}/huggingface_merged" in merge
+    assert line.endswith(f"--out {work}/eval_results/grpo_tor_global_step_300.json")
+    (line,) = run(MODEL_PATH=str(model), OUT=str(tmp_path / "mine.json"))  # OUT still wins
+    assert line.endswith(f"--out {tmp_path}/mine.json")
