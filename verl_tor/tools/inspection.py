@@ -25,7 +25,13 @@ class InspectError(ValueError):
     """Bad input to ``verl-tor inspect``; the message names the file/row and the fix."""
 
 
-def check_checkpoint(path: str) -> str:
+_FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+
+
+def check_checkpoint(path: str, model_types: tuple[str, ...] = SUPPORTED_MODEL_TYPES) -> str:
+    """The ``model_type`` of the Hugging Face checkpoint at ``path``; ``InspectError`` (one line, with the fix) when
+    there is no ``config.json`` or the family is not one of ``model_types`` (evaluation passes every family verl_tor
+    trains)."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise InspectError(
@@ -34,10 +40,11 @@ def check_checkpoint(path: str) -> str:
         )
     with open(config_path, encoding="utf-8") as f:
         model_type = json.load(f).get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in model_types:
+        families = "/".join(_FAMILY_NAMES.get(t, t) for t in model_types)
         raise InspectError(
-            f"--model {path!r} is a {model_type!r} checkpoint, not Qwen2-VL/Qwen2.5-VL "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)}). Fix: inspect a Qwen2-VL or Qwen2.5-VL model."
+            f"--model {path!r} is a {model_type!r} checkpoint, not {families} ({', '.join(model_types)}). "
+            f"Fix: use a {families} model."
         )
     return model_type
 
