@@ -238,7 +238,8 @@ def test_dry_run_composes_and_validates_the_config():
 def test_shellcheck_is_clean():
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck is required (scripts/dev.sh installs Debian's shellcheck)"
-    files = [str(p) for p in sorted((ROOT / "recipes").rglob("*.sh"))] + [str(ROOT / "scripts" / "dev.sh")]
+    files = [str(p) for folder in ("recipes", "verl_tor/recipes") for p in sorted((ROOT / folder).rglob("*.sh"))]
+    files.append(str(ROOT / "scripts" / "dev.sh"))
     files.append(str(ROOT / ".ci" / "run"))
     assert len(files) >= 17
     proc = subprocess.run([shellcheck, "-x", *files], capture_output=True, text=True, cwd=ROOT)
