@@ -172,3 +172,38 @@ def test_check_config_composes_and_validates_a_main_ppo_command_line(capsys):
     ):
         assert main(["check-config", "--", *argv[3:], extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def test_check_config_reads_the_packaged_config_by_package_name(capsys):
+    """`--config-path=pkg://verl_tor.recipes.config`, as main_ppo takes it from an installed package (no $PWD)."""
+    base = [
+        "--config-path=pkg://verl_tor.recipes.config",
+        "--config-name=tor_trainer",
+        "algorithm.adv_estimator=grpo",
+        "actor_rollout_ref.rollout.n=4",
+        "data.train_batch_size=8",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=1",
+        "trainer.n_gpus_per_node=1",
+        "tor.enable=true",
+    ]
+    assert main(["check-config", "--", *base]) == 0
+    assert "config OK: tor_trainer" in capsys.readouterr().err
+    assert main(["check-config", "--", *base, "tor.reasoning_ratio=2"]) == 2
+    assert "tor.reasoning_ratio" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- --version, config-path (the installed package)
+def test_version_and_config_path(capsys):
+    import verl_tor
+    from verl_tor.recipes import CONFIG_NAME
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"verl-tor {verl_tor.__version__}"
+    assert main(["config-path"]) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    assert (folder / f"{CONFIG_NAME}.yaml").is_file()
+    assert folder.is_relative_to(Path(verl_tor.__file__).parent)  # inside the package: it ships in the wheel

@@ -125,7 +125,7 @@ def test_needs_image_free_pass():
 
 
 def test_recipe_yaml_tor_block_equals_dataclass_defaults():
-    yaml = OmegaConf.load(ROOT / "recipes" / "config" / "tor_trainer.yaml")
+    yaml = OmegaConf.load(ROOT / "verl_tor" / "recipes" / "config" / "tor_trainer.yaml")
     assert OmegaConf.to_container(yaml.tor) == ToRConfig().to_dict()
     assert yaml.trainer.v1.trainer_mode == "tor_sync"
 

@@ -234,7 +234,7 @@ def test_config_accepts_top_p_with_either_padding_path():
     from verl_tor.config import ToRConfigError
     from verl_tor.integration.trainer import validate_tor_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "recipes" / "config"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "verl_tor" / "recipes" / "config"), version_base=None):
         for remove_padding in ("true", "false"):
             cfg = compose(
                 "tor_trainer",

@@ -103,7 +103,7 @@ def _compose(*overrides: str):
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=1",
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "recipes" / "config"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "verl_tor" / "recipes" / "config"), version_base=None):
         return compose("tor_trainer", overrides=base + list(overrides))
 
 

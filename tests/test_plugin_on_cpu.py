@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE_CONFIG = ROOT / "recipes" / "config"
+RECIPE_CONFIG = ROOT / "verl_tor" / "recipes" / "config"
 # Enough to pass verl's own validate_config on a 1-GPU layout (it checks batch arithmetic, not hardware).
 BASE_OVERRIDES = [
     "algorithm.adv_estimator=grpo",

@@ -238,8 +238,25 @@ def test_dry_run_composes_and_validates_the_config():
 def test_shellcheck_is_clean():
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck is required (scripts/dev.sh installs Debian's shellcheck)"
-    files = [str(p) for p in sorted((ROOT / "recipes").rglob("*.sh"))] + [str(ROOT / "scripts" / "dev.sh")]
+    files = [str(p) for folder in ("recipes", "verl_tor/recipes") for p in sorted((ROOT / folder).rglob("*.sh"))]
+    files.append(str(ROOT / "scripts" / "dev.sh"))
     files.append(str(ROOT / ".ci" / "run"))
     assert len(files) >= 17
     proc = subprocess.run([shellcheck, "-x", *files], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_checkout_cpu_recipes_run_the_packaged_ones():
+    """recipes/cpu_tiny/*.sh forward to verl_tor/recipes/cpu_tiny/*.sh (package data, what `verl-tor demo` runs from
+    a wheel): one copy, so a checkout and an install run the same command, overrides and environment included."""
+    from verl_tor.local.launch import RECIPES, recipes_dir
+
+    assert recipes_dir() == ROOT / "verl_tor" / "recipes" / "cpu_tiny"
+    assert sorted(p.stem for p in (ROOT / "recipes" / "cpu_tiny").glob("*.sh")) == sorted(RECIPES)
+    for recipe in RECIPES:
+        wrapper = ROOT / "recipes" / "cpu_tiny" / f"{recipe}.sh"
+        assert len(wrapper.read_text(encoding="utf-8").splitlines()) < 10, "a wrapper, not a second copy"
+        argv = dry_run(wrapper, "tor.seed=3")
+        assert argv == dry_run(recipes_dir() / f"{recipe}.sh", "tor.seed=3") and argv[-1] == "tor.seed=3"
+        assert f"--config-path={ROOT / 'verl_tor' / 'recipes' / 'config'}" in argv
+        assert f"actor_rollout_ref.model.path={ROOT / 'verl_tor' / 'assets' / 'figure_reader'}" in argv

@@ -333,7 +333,7 @@ def make_trainer(*overrides):
     from hydra import compose, initialize_config_dir
     from verl.trainer.ppo.v1 import get_trainer_cls
 
-    config_dir = str(Path(__file__).resolve().parents[1] / "recipes" / "config")
+    config_dir = str(Path(__file__).resolve().parents[1] / "verl_tor" / "recipes" / "config")
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         cfg = compose("tor_trainer", overrides=[*TRAINER_BASE, *overrides])
     return get_trainer_cls(cfg.trainer.v1.trainer_mode)(cfg)

@@ -38,7 +38,7 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "recipes" / "config"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "verl_tor" / "recipes" / "config"), version_base=None):
         return hydra_compose("tor_trainer", overrides=[*BASE, *overrides])
 
 

@@ -51,7 +51,7 @@ SEED_LIMIT = 1 << 63
 """Seeds are used as torch generator seeds and int64 tensor values: 0 <= seed < 2**63."""
 
 # The paper's settings (arXiv 2603.25077, §3-4), in one place: the GPU recipes pass exactly these
-# (recipes/common.sh) and tests/test_recipes_on_cpu.py checks every "paper" value of the recipes and their README
+# (verl_tor/recipes/common.sh) and tests/test_recipes_on_cpu.py checks every "paper" value of the recipes and README
 # against this table. ToRConfig's defaults equal it except `entropy` (default `full`, the free option; see its doc).
 PAPER: dict[str, Any] = {
     "reasoning_ratio": 0.3,  # ρ_r

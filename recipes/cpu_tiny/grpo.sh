@@ -1,9 +1,6 @@
 #!/usr/bin/env bash
-# GRPO baseline on CPU (stock verl: trainer_mode=sync, ToR off). VAR=value bash grpo.sh [hydra overrides]
-set -xeuo pipefail
-EXPERIMENT_NAME=${EXPERIMENT_NAME:-cpu_tiny_grpo}
-# shellcheck source-path=SCRIPTDIR source=common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-
-cpu_args "$EXPERIMENT_NAME"
-run_recipe grpo "$EXPERIMENT_NAME" trainer.v1.trainer_mode=sync tor.enable=False "${CPU_ARGS[@]}" "$@"
+# GRPO baseline on CPU (stock verl: trainer_mode=sync, ToR off): runs the packaged recipe,
+# verl_tor/recipes/cpu_tiny/grpo.sh (one copy, the one `verl-tor demo` runs from a wheel; recipes/README.md, "CPU").
+# VAR=value bash grpo.sh [hydra overrides]
+set -euo pipefail
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../../verl_tor/recipes/cpu_tiny/grpo.sh" "$@"

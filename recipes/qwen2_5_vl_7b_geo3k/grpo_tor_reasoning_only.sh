@@ -3,7 +3,7 @@
 set -xeuo pipefail
 MODEL_PATH=${MODEL_PATH:-Qwen/Qwen2.5-VL-7B-Instruct}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-qwen2_5_vl_7b_geo3k_grpo_tor_reasoning_only}
-# shellcheck source-path=SCRIPTDIR source=../common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+# shellcheck source-path=SCRIPTDIR source=../../verl_tor/recipes/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../verl_tor/recipes/common.sh"
 
 run_tor_recipe grpo "$EXPERIMENT_NAME" reasoning_only "$@"

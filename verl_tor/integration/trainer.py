@@ -33,7 +33,7 @@ TOR_TRAINER_MODES: dict[str, str] = {"tor_sync": "sync", "tor_colocate_async": "
 presents itself as to verl's mode-keyed logic)."""
 
 TOR_TRAINER_MODE = "tor_sync"
-"""The default ToR trainer mode (the recipes' and ``recipes/config/tor_trainer.yaml``'s)."""
+"""The default ToR trainer mode (the recipes' and ``verl_tor/recipes/config/tor_trainer.yaml``'s)."""
 
 SEPARATE_ASYNC_REASON = (
     "verl's separate_async trainer computes the old-policy log-probs of the 2nd..Nth mini-batch of a parameter-sync "

@@ -1,4 +1,4 @@
-"""Run a CPU recipe (``recipes/cpu_tiny/*.sh``: verl's real ``python -m verl.trainer.main_ppo``) from Python.
+"""Run a CPU recipe (``verl_tor/recipes/cpu_tiny/*.sh``: verl's real ``python -m verl.trainer.main_ppo``) from Python.
 
 The demo, the loop tests and the benchmarks use it: it runs the recipe in its own process group, sends verl's output
 to a log file, reads the per-step metrics verl's ``file`` logger writes (one JSON line per step, ``step`` and
@@ -22,7 +22,7 @@ from pathlib import Path
 __all__ = ["RECIPES", "LoopRun", "recipes_dir", "read_metrics", "run_cpu_recipe"]
 
 RECIPES = ("grpo", "grpo_tor", "dapo_tor")
-"""The scripts of ``recipes/cpu_tiny/``."""
+"""The scripts of ``verl_tor/recipes/cpu_tiny/`` (package data; a checkout's ``recipes/cpu_tiny/`` forwards to them)."""
 
 
 @dataclass
@@ -49,12 +49,14 @@ class LoopRun:
 
 
 def recipes_dir() -> Path:
-    """``recipes/cpu_tiny`` of this checkout (the recipes live next to the package, not inside it)."""
-    path = Path(__file__).resolve().parents[2] / "recipes" / "cpu_tiny"
+    """The CPU recipes' folder: inside the package (``verl_tor/recipes/cpu_tiny``), so a wheel install runs them too."""
+    from verl_tor.recipes import cpu_recipes_dir
+
+    path = cpu_recipes_dir()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"{path} not found: the CPU recipes ship with the verl_tor repository, not the wheel. "
-            "Fix: run from a checkout (git clone ...; pip install -e .)."
+            f"{path} not found: this verl_tor install lacks its package data (the CPU recipes). "
+            "Fix: reinstall verl_tor from its wheel or checkout (pip install --force-reinstall verl_tor)."
         )
     return path
 
@@ -84,7 +86,7 @@ def run_cpu_recipe(
     timeout: float | None = None,
     poll_seconds: float = 0.5,
 ) -> LoopRun:
-    """Run ``recipes/cpu_tiny/<recipe>.sh`` with hydra ``overrides``; returns its exit code and per-step metrics.
+    """Run the CPU recipe ``<recipe>.sh`` with hydra ``overrides``; returns its exit code and per-step metrics.
 
     Args:
         recipe: one of ``RECIPES``.

@@ -1,4 +1,4 @@
-"""``verl-tor``: the command line (``demo``, ``inspect``, ``docs``, ``check-config``).
+"""``verl-tor``: the command line (``demo``, ``inspect``, ``docs``, ``check-config``, ``config-path``).
 
 ``verl-tor demo`` runs ToR on CPU with no downloads and prints what it selected; ``verl-tor docs`` prints the
 README's config and metrics tables, generated from ``ToRConfig``'s field docstrings and ``verl_tor.metrics``
@@ -142,7 +142,7 @@ def check_config(argv: list[str]) -> int:
             overrides.append(arg)
     try:
         import verl  # noqa: F401  - loads verl's plugins, verl_tor's among them
-        from hydra import compose, initialize_config_dir
+        from hydra import compose, initialize_config_dir, initialize_config_module
         from verl.trainer.ppo.utils import need_critic, need_reference_policy
         from verl.utils.config import validate_config
 
@@ -150,7 +150,13 @@ def check_config(argv: list[str]) -> int:
 
         if config_path is None:
             config_path = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-        with initialize_config_dir(config_dir=os.path.abspath(config_path), version_base=None):
+        if config_path.startswith("pkg://"):  # a package's configs, as main_ppo's hydra reads them (no $PWD)
+            init = initialize_config_module(config_module=config_path.removeprefix("pkg://"), version_base=None)
+        else:
+            init = initialize_config_dir(
+                config_dir=os.path.abspath(config_path.removeprefix("file://")), version_base=None
+            )
+        with init:
             config = compose(config_name, overrides=overrides)
         use_ref = need_reference_policy(config)
         validate_config(config=config, use_reference_policy=use_ref, use_critic=need_critic(config))
@@ -242,7 +248,10 @@ def existing_file(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from verl_tor import __version__
+
     parser = argparse.ArgumentParser(prog="verl-tor", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
@@ -289,7 +298,17 @@ def main(argv: list[str] | None = None) -> int:
         "check-config", help="compose and validate a main_ppo command line's config (VERL_TOR_DRY_RUN=1)"
     )
     check.add_argument("main_ppo_args", nargs=argparse.REMAINDER, help="-- --config-path=... --config-name=... k=v")
+    sub.add_parser(
+        "config-path",
+        help="print the tor_trainer config folder (or give main_ppo --config-path=pkg://verl_tor.recipes.config)",
+    )
     args = parser.parse_args(argv)
+
+    if args.command == "config-path":
+        from verl_tor.recipes import config_dir
+
+        print(config_dir())
+        return 0
 
     if args.command == "check-config":
         rest = args.main_ppo_args[1:] if args.main_ppo_args[:1] == ["--"] else args.main_ppo_args

@@ -1,8 +1,9 @@
 """``verl-tor demo``: verl's real trainer (``python -m verl.trainer.main_ppo``) with ToR, a few steps on CPU.
 
 1. ``verl_tor.local.prepare`` writes a tiny Qwen2.5-VL checkpoint and geometry problems in verl's RL format;
-2. ``recipes/cpu_tiny/grpo_tor.sh`` runs verl's trainer on them (Ray, TransferQueue, the agent loop with the ``hf``
-   rollout, the FSDP2 actor on the ``cpu`` platform, weight sync, reward workers) with ``tor.log_token_maps`` on;
+2. the packaged CPU recipe ``verl_tor/recipes/cpu_tiny/grpo_tor.sh`` runs verl's trainer on them (Ray,
+   TransferQueue, the agent loop with the ``hf`` rollout, the FSDP2 actor on the ``cpu`` platform, weight sync,
+   reward workers) with ``tor.log_token_maps`` on;
 3. a progress line per step (reward, policy loss, the ``tor/*`` metrics, times) as verl logs it, then a summary
    with the token maps the training-time writer wrote.
 
@@ -66,7 +67,7 @@ def run_loop_demo(
     """Prepare the model and data under ``out_dir``, run the CPU recipe for ``steps`` steps, report as it goes.
 
     ``prompts`` x ``n`` rollouts a step, one actor update a step; ``overrides`` are hydra overrides for main_ppo,
-    ``env`` the recipe's variables (``recipes/cpu_tiny/common.sh``: ``LR``, ``SAVE_FREQ``, ...).
+    ``env`` the recipe's variables (``verl_tor/recipes/cpu_tiny/common.sh``: ``LR``, ``SAVE_FREQ``, ...).
     """
     from verl_tor.local.launch import run_cpu_recipe
     from verl_tor.local.prepare import prepare
@@ -78,7 +79,7 @@ def run_loop_demo(
     seconds["prepare"] = time.perf_counter() - t0
     print_fn(f"[demo] model {paths['model']}, data {os.path.dirname(paths['train'])} ({seconds['prepare']:.1f} s)")
     print_fn(
-        f"[demo] verl's main_ppo: recipes/cpu_tiny/{recipe}.sh, {steps} steps (verl's own output: "
+        f"[demo] verl's main_ppo: verl_tor/recipes/cpu_tiny/{recipe}.sh, {steps} steps (verl's own output: "
         f"{os.path.join(out_dir, 'runs', recipe, 'main_ppo.log')})"
     )
 
@@ -119,7 +120,7 @@ def main(out_dir: str, steps: int, seed: int, recipe: str, overrides: list[str],
     """``verl-tor demo``: run, print, summarise; 0 on success, 1 when verl's trainer failed."""
     t0 = time.perf_counter()
     if recipe == "grpo":
-        print("[demo] tor.enable=false: stock GRPO (recipes/cpu_tiny/grpo.sh, trainer_mode=sync), no ToR stage")
+        print("[demo] tor.enable=false: stock GRPO (cpu_tiny/grpo.sh, trainer_mode=sync), no ToR stage")
     result = run_loop_demo(out_dir, steps=steps, seed=seed, recipe=recipe, overrides=tuple(overrides), **sizes)
     total = time.perf_counter() - t0
     run = result.run

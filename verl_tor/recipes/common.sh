@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Shared body of every Geometry3K recipe: baseline and ToR scripts differ only in the flags they pass to
-# run_recipe (the trainer mode and tor.*). Sourced by the per-model scripts; every setting is a variable with a
-# default, overridable from the environment, and any extra hydra override can follow the script ("$@").
+# run_recipe (the trainer mode and tor.*). Sourced by the per-model scripts (a checkout's recipes/*_geo3k/*.sh) and
+# by cpu_tiny/common.sh; every setting is a variable with a default, overridable from the environment, and any extra
+# hydra override can follow the script ("$@"). It ships inside the package (verl_tor/recipes/, with config/
+# tor_trainer.yaml next to it), so an installed wheel runs the same command line as a checkout.
 # Set VERL_TOR_DRY_RUN=1 to print the command (one argument per line) instead of launching it, and to compose and
 # validate its config (hydra + verl's validate_config + the tor block; a misspelt +tor.* key fails);
 # VERL_TOR_DRY_RUN=print only prints.

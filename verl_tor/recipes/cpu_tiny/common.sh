@@ -2,15 +2,16 @@
 # verl's real trainer on a laptop: the Geometry3K recipe body (../common.sh) scaled to a tiny Qwen2.5-VL on CPU,
 # with verl_tor's local backend (verl_tor/local/: the `cpu` platform, the `hf` rollout). Sourced by grpo.sh,
 # grpo_tor.sh and dapo_tor.sh; every setting is a variable with a default, and extra hydra overrides follow the script
-# ("$@", last). Prepare the data once: python -m verl_tor.local.prepare --out-dir "$CPU_DIR"
-# (bash scripts/dev.sh demo does it for you).
+# ("$@", last). These files are package data (verl_tor/recipes/): `verl-tor demo` runs them from an installed wheel,
+# and a checkout's recipes/cpu_tiny/*.sh forward to them. Prepare the data once:
+# python -m verl_tor.local.prepare --out-dir "$CPU_DIR" (`verl-tor demo` does it for you).
 
 export VERL_PLATFORM=cpu              # verl's platform switch -> verl_tor's CPU platform (set before Python starts)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per Ray worker: the actor, rollout and reward share the cores
 # ---- the tiny model and data (verl_tor.local.prepare) ---------------------------------------------------------
 CPU_DIR=${CPU_DIR:-/tmp/verl_tor_cpu}
 # the shipped figure reader (verl_tor/assets/figure_reader/README.md): a 1M-parameter Qwen2.5-VL that reads its figure
-MODEL_PATH=${MODEL_PATH:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/verl_tor/assets/figure_reader}
+MODEL_PATH=${MODEL_PATH:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/assets/figure_reader}
 DATA_DIR=${DATA_DIR:-$CPU_DIR/data}
 TRAIN_FILES=${TRAIN_FILES:-$DATA_DIR/train.parquet}
 VAL_FILES=${VAL_FILES:-$DATA_DIR/val.parquet}
