@@ -86,6 +86,9 @@ def test_tor_enable_false_reaches_the_demo(monkeypatch, tmp_path):
         (["inspect", "--model", "m", "--data", "d", "tor.enable=false"], "tor.enable=false: `verl-tor inspect`"),
         (["demo", "--synthetic", "tor.rank_tokens=informative"], "has no rewards"),
         (["inspect", "--model", "m", "--data", "d", "tor.rank_tokens=informative"], "has no rewards"),
+        (["demo", "--synthetic", "tor.scorer_policy=ref"], "`verl-tor demo --synthetic` has no model"),
+        (["demo", "--one-step", "tor.scorer_policy=ref"], "`verl-tor demo --one-step` has one model"),
+        (["inspect", "--model", "m", "--data", "d", "tor.scorer_policy=ref"], "`verl-tor inspect` has one model"),
     ],
 )
 def test_settings_a_command_cannot_honour_are_refused(argv, message, capsys):

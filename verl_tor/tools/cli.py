@@ -322,8 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="verl's real trainer (main_ppo) with ToR, a few steps on CPU; --one-step: one step walked through",
-        description=DEMO_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DEMO_DESCRIPTION,  # argparse re-wraps it to the terminal's width
     )
     positive = int_at_least(1)
     demo.add_argument("--seed", type=seed_value, default=0, help=f"0 to {MAX_SEED} (default 0)")
@@ -415,29 +414,30 @@ def run_command(argv: list[str] | None = None) -> int:
         print(metrics_table())
         sys.stdout.flush()  # a closed pipe fails here, inside main's handler, not at interpreter exit
         return 0
+    synthetic = args.command == "demo" and args.synthetic
     loop = args.command == "demo" and not (args.one_step or args.synthetic)
     if args.command == "inspect":
         what = "`verl-tor inspect`"
     else:
-        what = "`verl-tor demo --synthetic`" if args.synthetic else "`verl-tor demo --one-step`"
+        what = "`verl-tor demo --synthetic`" if synthetic else "`verl-tor demo --one-step`"
     try:
         overrides = parse_overrides(args.overrides, flags=DEMO_FLAGS if args.command == "demo" else None)
         cfg = ToRConfig.from_mapping({"enable": True, **overrides})
         # verl's trainer (the plain demo) has a reference policy where the recipe has a KL loss (GRPO; DAPO is
         # checked below); the walk-through and inspect hold one model, the synthetic demo none
         if cfg.scorer_policy == "ref" and not loop:
-            reason = "has no model (its scores are synthetic)" if args.synthetic else "has one model"
+            reason = "has no model (its scores are synthetic)" if synthetic else "has one model"
             raise ToRConfigError(
                 f"tor.scorer_policy='ref': {what} {reason} and no reference policy, so it would silently score the "
                 "image-free view as with tor.scorer_policy=old. Fix: leave tor.scorer_policy=old (the paper's) here; "
                 "'ref' applies to verl's trainer: plain `verl-tor demo` (GRPO) or a recipe."
             )
-        if not cfg.enable and (args.command == "inspect" or args.synthetic):
+        if not cfg.enable and (args.command == "inspect" or synthetic):
             raise ToRConfigError(
                 f"tor.enable=false: {what} shows what ToR selects, and with ToR off it selects nothing. "
                 "Fix: drop tor.enable=false (plain `verl-tor demo` with tor.enable=false runs stock GRPO)."
             )
-        if cfg.rank_tokens == "informative" and (args.command == "inspect" or args.synthetic):
+        if cfg.rank_tokens == "informative" and (args.command == "inspect" or synthetic):
             raise ToRConfigError(
                 f"tor.rank_tokens='informative' ranks tokens with a non-zero advantage, and {what} has no rewards, "
                 "hence no advantages. Fix: leave tor.rank_tokens=all here (`verl-tor demo` has GRPO advantages)."
