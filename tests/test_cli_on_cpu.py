@@ -426,3 +426,13 @@ def test_dev_sh_demo_resolves_paths_against_the_callers_folder(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"cwd={caller} args=demo --out-dir rel_out"
+
+
+def test_every_one_step_walk_through_gets_a_fresh_folder(monkeypatch, tmp_path):
+    import verl_tor.tools.demo
+
+    seen = []
+    monkeypatch.setattr(verl_tor.tools.demo, "main", lambda args, cfg: seen.append(args.out_dir) or 0)
+    for _ in range(2):
+        assert main(["demo", "--one-step", "--out-dir", str(tmp_path)]) == 0
+    assert seen == [str(tmp_path / "one_step-1"), str(tmp_path / "one_step-2")]

@@ -16,7 +16,14 @@ import time
 from typing import Any
 
 from verl_tor.config import CHOICES, ToRConfig, ToRConfigError
-from verl_tor.tools.loop_demo import LOOP_RESPONSE_LENGTH, MAX_SEED, DemoInputError, check_loop_demo, demo_recipe
+from verl_tor.tools.loop_demo import (
+    LOOP_RESPONSE_LENGTH,
+    MAX_SEED,
+    DemoInputError,
+    check_loop_demo,
+    demo_recipe,
+    fresh_folder,
+)
 
 DEMO_FLAGS = {
     "trainer.total_training_steps": "--steps",
@@ -298,21 +305,6 @@ def seed_value(text: str) -> int:
             "exports as PYTHONHASHSEED (at most 2^32 - 1)"
         )
     return value
-
-
-def fresh_folder(out_dir: str, prefix: str) -> str:
-    """``<out_dir>/<prefix>-<k>``, the first free ``k`` from 1, created here."""
-    import os
-
-    os.makedirs(out_dir, exist_ok=True)
-    k = 1
-    while True:
-        path = os.path.join(out_dir, f"{prefix}-{k}")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            k += 1
 
 
 def build_parser() -> argparse.ArgumentParser:

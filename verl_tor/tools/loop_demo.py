@@ -26,6 +26,7 @@ __all__ = [
     "LoopDemoResult",
     "check_loop_demo",
     "claim_run_name",
+    "fresh_folder",
     "demo_recipe",
     "demo_recipe_env",
     "format_step",
@@ -174,20 +175,25 @@ def check_loop_demo(
     return warnings
 
 
-def claim_run_name(out_dir: str, recipe: str) -> str:
-    """A fresh run folder ``<out_dir>/runs/<recipe>-<k>`` (the first free ``k`` from 1, created here, atomically):
-    a demo never writes into an earlier run's folder, so its token maps, ``metrics.jsonl`` and ``main_ppo.log`` are
-    its own. The data (``<out_dir>/data``) are shared."""
-    runs = os.path.join(out_dir, "runs")
-    os.makedirs(runs, exist_ok=True)
+def fresh_folder(parent: str, prefix: str) -> str:
+    """Create and return ``<parent>/<prefix>-<k>`` for the first free ``k`` from 1 (``os.mkdir`` claims it
+    atomically, so two runs started at once get two folders)."""
+    os.makedirs(parent, exist_ok=True)
     k = 1
     while True:
-        name = f"{recipe}-{k}"
+        path = os.path.join(parent, f"{prefix}-{k}")
         try:
-            os.mkdir(os.path.join(runs, name))
-            return name
+            os.mkdir(path)
+            return path
         except FileExistsError:
             k += 1
+
+
+def claim_run_name(out_dir: str, recipe: str) -> str:
+    """A fresh run folder ``<out_dir>/runs/<recipe>-<k>``, created here; returns its name (the experiment name): a
+    demo never writes into an earlier run's folder, so its token maps, ``metrics.jsonl`` and ``main_ppo.log`` are
+    its own. The data (``<out_dir>/data``) are shared."""
+    return os.path.basename(fresh_folder(os.path.join(out_dir, "runs"), recipe))
 
 
 @dataclass
