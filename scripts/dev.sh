@@ -4,9 +4,11 @@
 #   bash scripts/dev.sh test [pytest args...]           # the test suite (what .ci/run runs)
 set -euo pipefail
 
+CALLER_DIR="$PWD"   # the demo's relative paths (--out-dir) mean what they mean where the user typed them
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${VERL_TOR_VENV:-$ROOT/.venv}"
+[[ "$VENV" == /* ]] || VENV="$ROOT/$VENV"   # absolute: the demo runs it from the caller's folder
 PY="${PYTHON:-python3}"
 
 ensure_venv() {
@@ -43,6 +45,7 @@ shift || true
 case "$cmd" in
   demo)
     ensure_venv
+    cd "$CALLER_DIR"
     exec "$VENV/bin/verl-tor" demo "$@"
     ;;
   test)

@@ -31,11 +31,12 @@ class TokenSpans(HTMLParser):
 
 
 DEMO = """
-import dataclasses, json, sys
+import dataclasses, json, os, sys
 from verl_tor.config import ToRConfig
-from verl_tor.tools.demo import run_demo
+from verl_tor.tools.demo import quiet_libraries, run_demo
 cfg = ToRConfig(enable=True, log_token_maps_rollouts=2)
-result = run_demo(cfg, out_dir=sys.argv[1], n_prompts=2, n=2, max_new_tokens=8, seed=0, progress=False)
+with quiet_libraries(os.path.join(sys.argv[1], "libraries.log")):  # as `verl-tor demo --one-step` runs it
+    result = run_demo(cfg, out_dir=sys.argv[1], n_prompts=2, n=2, max_new_tokens=8, seed=0, progress=False)
 print(json.dumps(dataclasses.asdict(result)))
 """
 
@@ -57,17 +58,31 @@ print(json.dumps(results))
 """
 
 
-def run_python(code: str, out) -> list:
+def run_python(code: str, out, stderr: list | None = None) -> list:
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=600, cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if stderr is not None:
+        stderr.append(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The demo in a process of its own, like the README command (it applies verl's process-wide model patch)."""
-    result = SimpleNamespace(**run_python(DEMO, tmp_path_factory.mktemp("demo")))
-    return result, ToRConfig(enable=True, log_token_maps_rollouts=2)
+    """The demo in a process of its own, like the README command (it applies verl's process-wide model patch).
+    Returns (result, config, the process's stderr)."""
+    stderr: list[str] = []
+    result = SimpleNamespace(**run_python(DEMO, tmp_path_factory.mktemp("demo"), stderr))
+    return result, ToRConfig(enable=True, log_token_maps_rollouts=2), stderr[0]
+
+
+def test_demo_output_is_not_drowned_in_library_notices(demo):
+    """`verl-tor demo --one-step` printed five "engine is not available" warnings, verl's monkey-patch lines, its
+    platform probe and a torch.fx note; they go to libraries.log now."""
+    result, _, stderr = demo
+    for noise in ("engine is not available", "Monkey patch", "No supported accelerator", "is_fx_tracing", "Loading"):
+        assert noise not in stderr, stderr[-3000:]
+    log = Path(result.html_path).with_name("libraries.log").read_text()
+    assert "Monkey patch" in log  # kept, where a curious reader finds it
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +118,7 @@ def classes_from_html(path: str) -> TokenSpans:
 
 
 def test_demo_runs_and_reports(demo):
-    result, cfg = demo
+    result, cfg, _ = demo
     m = result.metrics
     assert m["tor/reasoning_frac"] == pytest.approx(m["tor/perception_frac"], abs=0.05)
     assert 0.29 <= m["tor/reasoning_frac"] <= 0.4  # ceil(0.3 N) of the valid tokens
@@ -117,7 +132,7 @@ def test_demo_runs_and_reports(demo):
 
 
 def test_token_map_has_one_span_per_token_with_consistent_classes(demo):
-    result, cfg = demo
+    result, cfg, _ = demo
     page = classes_from_html(result.html_path)
     assert page.images == 4  # 2 prompts x 2 responses rendered, each with its image
     assert len(page.spans) > 0
@@ -146,7 +161,7 @@ CHROMIUM_FLAGS = [
 def test_token_map_renders_in_headless_chromium(demo, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is required (scripts/dev.sh installs Debian's chromium)"
-    result, _ = demo
+    result, _, _ = demo
     url = Path(result.html_path).resolve().as_uri()
     base = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout

@@ -112,7 +112,12 @@ def test_clear_errors(tmp_path, parquet, geometry_images):
 
 @pytest.mark.parametrize("command", ["demo", "inspect"])
 def test_scorer_policy_ref_is_refused_where_there_is_no_reference_model(command, tmp_path, capsys):
-    args = ["--model", "unused", "--data", "unused"] if command == "inspect" else ["--out-dir", str(tmp_path)]
+    # the walk-through holds one model (plain `verl-tor demo` runs verl's trainer, with a reference policy: accepted)
+    args = (
+        ["--model", "unused", "--data", "unused"]
+        if command == "inspect"
+        else ["--one-step", "--out-dir", str(tmp_path)]
+    )
     assert main([command, *args, "tor.scorer_policy=ref"]) == 2
     err = capsys.readouterr().err
     assert "tor.scorer_policy='ref'" in err and f"verl-tor {command}" in err and "Fix:" in err

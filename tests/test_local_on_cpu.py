@@ -336,3 +336,57 @@ def test_token_map_rebuilds_the_figure_exactly_from_verl_multi_modal_inputs(tiny
     assert first_image({}, tiny_processor) is None
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image>Find x."}]}]
     assert prompt_text(messages) == "Find x."
+
+
+def test_answer_token_counts_are_the_figure_readers():
+    """``ANSWER_TOKENS`` (the demo's response-length warnings) recounted with the shipped model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from verl_tor.figures import FIGURE_READER_CHECKPOINT
+    from verl_tor.figures.task import SIDES, build_target
+    from verl_tor.local.prepare import ANSWER_TOKENS
+
+    tokenizer = AutoTokenizer.from_pretrained(FIGURE_READER_CHECKPOINT)
+    counts = [len(tokenizer(build_target(w, h)[0])["input_ids"]) for w in SIDES for h in SIDES]
+    assert (min(counts), max(counts)) == ANSWER_TOKENS
+
+
+FAKE_RECIPE = r"""#!/usr/bin/env bash
+# stands in for main_ppo: a driver that leaves the recipe's process group as Ray's does at ray.init (os.setpgrp),
+# writes into the Ray temp folder, logs one step and keeps running
+python3 - <<'PY' &
+import json, os, time
+os.setpgrp()
+with open(os.path.join(os.environ["RAY_TMP"], "driver.pid"), "w") as f:
+    f.write(str(os.getpid()))
+with open(os.path.join(os.environ["CPU_DIR"], "ray_tmp.txt"), "w") as f:
+    f.write(os.environ["RAY_TMP"])
+with open(os.environ["VERL_FILE_LOGGER_PATH"], "w") as f:
+    f.write(json.dumps({"step": 1, "data": {"actor/pg_loss": 0.0}}) + "\n")
+time.sleep(300)
+PY
+wait
+"""
+
+
+def test_interrupted_recipe_leaves_no_process_and_no_ray_temp_folder(tmp_path, monkeypatch):
+    """Ctrl-C during `verl-tor demo` left main_ppo's Ray temp folder (and, since Ray's driver makes itself a
+    process-group leader, a driver that killing the recipe's process group does not reach)."""
+    import verl_tor.local.launch as launch
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "grpo_tor.sh").write_text(FAKE_RECIPE)
+    monkeypatch.setattr(launch, "recipes_dir", lambda: recipes)
+    seen: dict = {}
+
+    def on_step(step):
+        seen["ray_tmp"] = Path((tmp_path / "cpu" / "ray_tmp.txt").read_text())
+        seen["driver"] = int((seen["ray_tmp"] / "driver.pid").read_text())
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        launch.run_cpu_recipe("grpo_tor", cpu_dir=str(tmp_path / "cpu"), experiment="x", on_step=on_step, timeout=120)
+    assert not seen["ray_tmp"].exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(seen["driver"], 0)

@@ -39,6 +39,7 @@ PACKAGE_DATA = (
     "verl_tor/recipes/cpu_tiny/common.sh",
     "verl_tor/recipes/cpu_tiny/grpo.sh",
     "verl_tor/recipes/cpu_tiny/grpo_tor.sh",
+    "verl_tor/recipes/cpu_tiny/dapo.sh",
     "verl_tor/recipes/cpu_tiny/dapo_tor.sh",
     "verl_tor/recipes/config/__init__.py",
     "verl_tor/recipes/config/tor_trainer.yaml",

@@ -19,10 +19,47 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RECIPES", "LoopRun", "recipes_dir", "read_metrics", "run_cpu_recipe"]
+__all__ = [
+    "RECIPES",
+    "recipe_command",
+    "LoopRun",
+    "RecipeInputError",
+    "check_hydra_path",
+    "recipes_dir",
+    "read_metrics",
+    "run_cpu_recipe",
+]
 
-RECIPES = ("grpo", "grpo_tor", "dapo_tor")
-"""The scripts of ``verl_tor/recipes/cpu_tiny/`` (package data; a checkout's ``recipes/cpu_tiny/`` forwards to them)."""
+RECIPES = ("grpo", "grpo_tor", "dapo", "dapo_tor")
+"""The scripts of ``verl_tor/recipes/cpu_tiny/`` (package data; a checkout's ``recipes/cpu_tiny/`` forwards to them):
+stock GRPO / DAPO (``trainer_mode=sync``, ToR off) and their ToR arms."""
+
+
+class RecipeInputError(ValueError):
+    """A recipe input that would fail only once verl's trainer has started; the message names it and the fix."""
+
+
+def check_hydra_path(name: str, path: str) -> None:
+    """Refuse a path that hydra would not read back as itself when the recipe puts it in an override.
+
+    The CPU recipes write folders into hydra overrides unquoted (``trainer.default_local_dir=<cpu_dir>/runs/...``,
+    ``data.train_files=...``); hydra reads ``a,b`` as a sweep ("Ambiguous value"), refuses ``'``, ``#``, ``!``,
+    ``&``, ``~``, brackets and non-ASCII letters, trims spaces at the ends, and OmegaConf resolves ``${...}`` --
+    all after Ray has started. Checked with hydra's own override parser, so the rule is hydra's, not a copy.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        value = OverridesParser.create().parse_override(f"key={path}").value()
+    except HydraException:
+        value = None
+    if value != path or "${" in path:
+        raise RecipeInputError(
+            f"{name} {path!r}: verl's hydra command line cannot carry this path (it would split it at a comma, "
+            "or refuse characters such as ' # ! & ~ [ ] ( ) { } = or non-ASCII letters). Fix: choose a folder "
+            "whose path has only letters, digits, '/', '.', '_', '-', ' ' (inside), ':' or '@'."
+        )
 
 
 @dataclass
@@ -100,49 +137,47 @@ def run_cpu_recipe(
     if recipe not in RECIPES:
         raise ValueError(f"recipe {recipe!r} is not one of {RECIPES}")
     out_dir = os.path.join(cpu_dir, "runs", experiment)
+    check_hydra_path("the run folder", os.path.abspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     log_path = os.path.join(out_dir, "main_ppo.log")
-    run_env = {
-        **os.environ,
-        "CPU_DIR": cpu_dir,
-        "EXPERIMENT_NAME": experiment,
-        "LOGGER": '["console","file"]',
-        "VERL_FILE_LOGGER_PATH": metrics_path,
-        # the interpreter running this (a venv's python) runs the recipe's `python3 -m verl.trainer.main_ppo`
-        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
-        **(env or {}),
-    }
-    run_env.setdefault("RAY_TMP", tempfile.mkdtemp(prefix="vtray_", dir="/tmp"))  # short: Ray's socket paths
+    own_ray_tmp = (env or {}).get("RAY_TMP") is None
+    run_env = recipe_env(cpu_dir, experiment, metrics_path, env)
+    if own_ray_tmp:
+        run_env["RAY_TMP"] = tempfile.mkdtemp(prefix="vtray_", dir="/tmp")  # short: Ray's socket paths
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
     cmd = ["bash", str(recipes_dir() / f"{recipe}.sh"), *overrides]
     start = time.perf_counter()
     seen = 0
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, start_new_session=True)
-        try:
-            while True:
-                try:
-                    returncode = proc.wait(timeout=poll_seconds)
-                except subprocess.TimeoutExpired:
-                    returncode = None
-                if on_step is not None:
-                    steps = read_metrics(metrics_path)
-                    for step in steps[seen:]:
-                        on_step(step)
-                    seen = len(steps)
-                if returncode is not None:
-                    break
-                if timeout is not None and time.perf_counter() - start > timeout:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    returncode = -9
-                    break
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
-    if run_env["RAY_TMP"].startswith("/tmp/vtray_") and (env or {}).get("RAY_TMP") is None:
-        shutil.rmtree(run_env["RAY_TMP"], ignore_errors=True)
+    try:
+        with open(log_path, "w", encoding="utf-8") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, start_new_session=True)
+            try:
+                while True:
+                    try:
+                        returncode = proc.wait(timeout=poll_seconds)
+                    except subprocess.TimeoutExpired:
+                        returncode = None
+                    if on_step is not None:
+                        steps = read_metrics(metrics_path)
+                        for step in steps[seen:]:
+                            on_step(step)
+                        seen = len(steps)
+                    if returncode is not None:
+                        break
+                    if timeout is not None and time.perf_counter() - start > timeout:
+                        kill_session(proc)
+                        returncode = -9
+                        break
+            except BaseException:  # Ctrl-C (KeyboardInterrupt), or an exception from on_step
+                kill_session(proc)
+                raise
+            # main_ppo's Ray processes outlive a failed driver for a moment; none may outlive the run
+            kill_session(proc)
+    finally:
+        if own_ray_tmp:
+            shutil.rmtree(run_env["RAY_TMP"], ignore_errors=True)
     steps = read_metrics(metrics_path)
     if on_step is not None:
         for step in steps[seen:]:
@@ -154,3 +189,82 @@ def run_cpu_recipe(
         out_dir=out_dir,
         seconds=time.perf_counter() - start,
     )
+
+
+def recipe_env(cpu_dir: str, experiment: str, metrics_path: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment ``run_cpu_recipe`` runs a recipe in: this process's, the recipe's folders and logger, the
+    caller's ``env`` last."""
+    return {
+        **os.environ,
+        "CPU_DIR": cpu_dir,
+        "EXPERIMENT_NAME": experiment,
+        "LOGGER": '["console","file"]',
+        "VERL_FILE_LOGGER_PATH": metrics_path,
+        # the interpreter running this (a venv's python) runs the recipe's `python3 -m verl.trainer.main_ppo`
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+        **(env or {}),
+    }
+
+
+def recipe_command(
+    recipe: str, overrides: Sequence[str] = (), *, cpu_dir: str, experiment: str, env: dict[str, str] | None = None
+) -> list[str]:
+    """The ``main_ppo`` command line ``run_cpu_recipe`` would run, one argument per item, without running it (the
+    recipe's ``VERL_TOR_DRY_RUN=print``): what a test checks instead of starting verl's trainer."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe {recipe!r} is not one of {RECIPES}")
+    metrics_path = os.path.join(cpu_dir, "runs", experiment, "metrics.jsonl")
+    run_env = {**recipe_env(cpu_dir, experiment, metrics_path, env), "VERL_TOR_DRY_RUN": "print"}
+    cmd = ["bash", str(recipes_dir() / f"{recipe}.sh"), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} (dry run) failed with exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc.stdout.strip().splitlines()
+
+
+def session_processes(session: int) -> list[int]:
+    """Ids of the live processes whose session id is ``session`` (Linux ``/proc``; empty elsewhere)."""
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # fields after the command name (which may hold spaces): state ppid pgrp session ...; a zombie is dead
+        # already (waiting for its parent, or for a container's pid 1 that may never reap it)
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 3 and int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def kill_session(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGKILL every process of the recipe's session and wait until they are gone.
+
+    The recipe runs in a session of its own (``start_new_session``). Killing its process group is not enough: Ray's
+    driver (``main_ppo``) makes itself a process-group leader at ``ray.init`` (Ray's reaper), so it and the Ray
+    daemons and workers it starts sit in other groups of the same session, and would live on -- still writing to the
+    Ray temp folder -- after the recipe's ``bash`` is gone.
+    """
+    session = proc.pid
+    deadline = time.monotonic() + grace
+    while True:
+        pids = [pid for pid in session_processes(session) if pid != os.getpid()]
+        if proc.poll() is None:
+            pids.append(proc.pid)
+        for pid in set(pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if proc.poll() is None:
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+        if not pids or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)

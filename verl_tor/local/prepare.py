@@ -14,17 +14,44 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["prepare"]
+__all__ = ["TRAIN_PROMPTS", "VAL_PROMPTS", "ANSWER_TOKENS", "data_paths", "count_train_prompts", "prepare"]
+
+TRAIN_PROMPTS = 256
+"""Training problems ``prepare`` writes by default: a rollout batch takes at most this many prompts (verl's
+dataloader drops an incomplete last batch, so a larger batch gives zero steps an epoch)."""
+VAL_PROMPTS = 32
+ANSWER_TOKENS = (26, 28)
+"""Tokens of the shortest and the longest correct answer of the task under the figure reader's tokenizer
+(``<think>The sides are 1 and 1. 1*1=1</think> \\boxed{1}`` and the one with a two-digit area; the end-of-turn
+token comes on top). A response limit below the first cuts every answer before ``\\boxed{}`` closes: reward 0 for
+every response. ``tests/test_local_on_cpu.py`` recounts them with the tokenizer."""
 
 
-def prepare(out_dir: str, seed: int = 0, n_train: int = 256, n_val: int = 32) -> dict[str, str]:
-    """Write ``data/{train,val}.parquet`` under ``out_dir`` (idempotent); returns the model and data paths."""
+def data_paths(out_dir: str) -> dict[str, str]:
+    """Where ``prepare`` writes (and the CPU recipes read, ``DATA_DIR=<CPU_DIR>/data``) the parquet files."""
+    data = os.path.join(out_dir, "data")
+    return {"train": os.path.join(data, "train.parquet"), "val": os.path.join(data, "val.parquet")}
+
+
+def count_train_prompts(out_dir: str) -> int:
+    """Rows of the training file under ``out_dir`` (read from the parquet footer), or the number ``prepare`` would
+    write there when it does not exist yet."""
+    path = data_paths(out_dir)["train"]
+    if not os.path.exists(path):
+        return TRAIN_PROMPTS
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
+
+
+def prepare(out_dir: str, seed: int = 0, n_train: int = TRAIN_PROMPTS, n_val: int = VAL_PROMPTS) -> dict[str, str]:
+    """Write ``data/{train,val}.parquet`` under ``out_dir`` (idempotent: existing files are kept as they are);
+    returns the model and data paths."""
     from verl_tor.figures import FIGURE_READER_CHECKPOINT, write_figure_parquet
 
-    data = os.path.join(out_dir, "data")
-    paths = {"train": os.path.join(data, "train.parquet"), "val": os.path.join(data, "val.parquet")}
+    paths = data_paths(out_dir)
     if not all(os.path.exists(p) for p in paths.values()):
-        paths.update(write_figure_parquet(data, n_train=n_train, n_val=n_val, seed=seed))
+        paths.update(write_figure_parquet(os.path.dirname(paths["train"]), n_train=n_train, n_val=n_val, seed=seed))
     return {"model": FIGURE_READER_CHECKPOINT, **paths}
 
 

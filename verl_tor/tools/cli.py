@@ -16,14 +16,37 @@ import time
 from typing import Any
 
 from verl_tor.config import CHOICES, ToRConfig, ToRConfigError
+from verl_tor.tools.loop_demo import (
+    LOOP_RESPONSE_LENGTH,
+    MAX_SEED,
+    DemoInputError,
+    check_loop_demo,
+    demo_recipe,
+    fresh_folder,
+)
+
+DEMO_FLAGS = {
+    "trainer.total_training_steps": "--steps",
+    "data.train_batch_size": "--prompts",
+    "actor_rollout_ref.actor.ppo_mini_batch_size": "--prompts",
+    "actor_rollout_ref.rollout.n": "--n",
+    "data.max_response_length": "--response-length",
+    "actor_rollout_ref.rollout.response_length": "--response-length",
+    "data.seed": "--seed",
+    "actor_rollout_ref.rollout.seed": "--seed",
+    "trainer.default_local_dir": "--out-dir",
+    "algorithm.filter_groups.enable": "--algorithm dapo",
+}
+"""verl settings ``verl-tor demo`` sets through a flag of its own: an override of one of them names the flag."""
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+def parse_overrides(pairs: list[str], flags: dict[str, str] | None = None) -> dict[str, Any]:
     """``["tor.reasoning_ratio=0.2", "+tor.scope=group"]`` -> ``{"reasoning_ratio": 0.2, "scope": "group"}``.
 
     Parsed by hydra's own override parser, so a value means here what it means on verl's command line:
     ``1e-1`` is 0.1, ``0x1`` and ``yes`` are strings (which ``ToRConfig`` then refuses), ``null`` is None. Only
-    ``tor.<field>`` keys (with hydra's ``+``/``++`` prefixes) apply; sweeps and deletions are refused.
+    ``tor.<field>`` keys (with hydra's ``+``/``++`` prefixes) apply; sweeps and deletions are refused. ``flags``
+    (``DEMO_FLAGS``) maps verl settings the command sets itself to its flag, which the error for them then names.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -42,7 +65,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not key.startswith("tor.") or key.count(".") != 1:
             raise ToRConfigError(
                 f"override {pair!r}: only tor.<field> overrides apply here, and {key!r} is not one. "
-                f"Fix: write tor.{key.rsplit('.', 1)[-1]}=<value> for a ToR field (see `verl-tor docs`)."
+                + _fix_for(key, flags)
             )
         if override.is_delete() or override.is_sweep_override():
             raise ToRConfigError(
@@ -51,6 +74,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             )
         out[key.removeprefix("tor.")] = override.value()
     return out
+
+
+def _fix_for(key: str, flags: dict[str, str] | None) -> str:
+    """The fix for a non-``tor.*`` override: the command's own flag, the ToR field it looks like, or the recipe."""
+    last = key.rsplit(".", 1)[-1]
+    if flags and key in flags:
+        return f"Fix: use {flags[key]} (the demo sets {key} from it)."
+    if last in ToRConfig.field_docs():
+        return f"Fix: write tor.{last}=<value> (see `verl-tor docs`)."
+    return (
+        "Fix: give a tor.<field> (see `verl-tor docs`); verl's own settings go on a recipe's command line instead, "
+        f"e.g. `bash recipes/cpu_tiny/grpo_tor.sh {key}=<value>` (after python -m verl_tor.local.prepare)."
+    )
 
 
 def config_table() -> str:
@@ -247,30 +283,71 @@ def existing_file(text: str) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+ONE_STEP_RESPONSE_LENGTH = 24
+"""``--one-step``'s response limit: its tiny model is random, so longer responses only cost time."""
+
+DEMO_DESCRIPTION = f"""\
+Without --one-step / --synthetic: verl's real trainer (python -m verl.trainer.main_ppo, the packaged CPU recipes) with
+ToR on CPU for --steps steps. The data go to <out-dir>/data (written once, kept); every run gets a fresh folder
+<out-dir>/runs/<recipe>-<k> (k = 1, 2, ...: a run never mixes with an earlier one) for its token maps,
+metrics.jsonl and main_ppo.log. tor.enable=false runs stock GRPO, or stock DAPO with --algorithm dapo.
+--one-step: one ToR step walked through in this process on a tiny random model (a fresh <out-dir>/one_step-<k>).
+--synthetic: the token selection alone on synthetic scores. Settings verl's trainer would fail on after start-up are
+refused before anything runs (exit 2). Response limit: {LOOP_RESPONSE_LENGTH} tokens (--synthetic too),
+{ONE_STEP_RESPONSE_LENGTH} with --one-step."""
+
+
+def seed_value(text: str) -> int:
+    """An argparse ``type``: a seed verl can take (``0 <= seed <= MAX_SEED``; argparse names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {value}")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from 0 to {MAX_SEED}, got {value}: the recipe seeds verl with seed + 1, which verl "
+            "exports as PYTHONHASHSEED (at most 2^32 - 1)"
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # the module docstring is reStructuredText (``verl-tor``); --help prints plain text
     from verl_tor import __version__
 
-    parser = argparse.ArgumentParser(prog="verl-tor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="verl-tor", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
         help="verl's real trainer (main_ppo) with ToR, a few steps on CPU; --one-step: one step walked through",
+        description=DEMO_DESCRIPTION,  # argparse re-wraps it to the terminal's width
     )
-    seed = int_at_least(0, 1 << 63)
     positive = int_at_least(1)
-    demo.add_argument("--seed", type=seed, default=0)
+    demo.add_argument("--seed", type=seed_value, default=0, help=f"0 to {MAX_SEED} (default 0)")
     demo.add_argument("--steps", type=positive, default=4, help="training steps of verl's trainer (not --one-step)")
     demo.add_argument(
-        "--algorithm", choices=("grpo", "dapo"), default="grpo", help="the CPU recipe: ToR-GRPO or ToR-DAPO"
+        "--algorithm",
+        choices=("grpo", "dapo"),
+        default="grpo",
+        help="the CPU recipe: ToR-GRPO or ToR-DAPO (stock GRPO / DAPO with tor.enable=false)",
     )
-    demo.add_argument("--prompts", type=positive, default=4, help="prompts in the rollout batch")
-    demo.add_argument("--n", type=positive, default=4, help="responses per prompt (GRPO group size)")
+    demo.add_argument("--prompts", type=positive, default=4, help="prompts in the rollout batch (at most 256)")
+    demo.add_argument("--n", type=positive, default=4, help="responses per prompt (GRPO group size; 2 or more)")
     demo.add_argument(
-        "--response-length", type=positive, default=None, help="max new tokens per response (default 32; --one-step 24)"
+        "--response-length",
+        type=positive,
+        default=None,
+        help=f"max new tokens per response (default {LOOP_RESPONSE_LENGTH}; {ONE_STEP_RESPONSE_LENGTH} with "
+        "--one-step; the task's answers take 26-28)",
     )
     demo.add_argument(
-        "--out-dir", type=output_dir, default="tor_demo_out", help="model, data, runs and token maps go here"
+        "--out-dir",
+        type=output_dir,
+        default="tor_demo_out",
+        help="data here, each run in a fresh folder under it (default tor_demo_out)",
     )
     demo.add_argument(
         "--one-step", action="store_true", help="one ToR step walked through in this process (no Ray, no trainer)"
@@ -302,7 +379,28 @@ def main(argv: list[str] | None = None) -> int:
         "config-path",
         help="print the tor_trainer config folder (or give main_ppo --config-path=pkg://verl_tor.recipes.config)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``verl-tor``; returns the exit code: 0, 1 (verl's trainer failed), 2 (refused input), 130 (Ctrl-C), 141 (the
+    reader of stdout left, e.g. ``verl-tor docs | head``)."""
+    import os
+
+    try:
+        return run_command(argv)
+    except KeyboardInterrupt:
+        # run_cpu_recipe has stopped verl's trainer and its Ray processes and removed their temp folder by now
+        print("\nverl-tor: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout's reader is gone: stop quietly; point stdout at /dev/null so the interpreter's last flush is silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def run_command(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.command == "config-path":
         from verl_tor.recipes import config_dir
@@ -325,28 +423,51 @@ def main(argv: list[str] | None = None) -> int:
         print(config_table())
         print()
         print(metrics_table())
+        sys.stdout.flush()  # a closed pipe fails here, inside main's handler, not at interpreter exit
         return 0
+    synthetic = args.command == "demo" and args.synthetic
+    loop = args.command == "demo" and not (args.one_step or args.synthetic)
+    if args.command == "inspect":
+        what = "`verl-tor inspect`"
+    else:
+        what = "`verl-tor demo --synthetic`" if synthetic else "`verl-tor demo --one-step`"
     try:
-        cfg = ToRConfig.from_mapping({"enable": True, **parse_overrides(args.overrides)})
-        if cfg.scorer_policy == "ref":
+        overrides = parse_overrides(args.overrides, flags=DEMO_FLAGS if args.command == "demo" else None)
+        cfg = ToRConfig.from_mapping({"enable": True, **overrides})
+        # verl's trainer (the plain demo) has a reference policy where the recipe has a KL loss (GRPO; DAPO is
+        # checked below); the walk-through and inspect hold one model, the synthetic demo none
+        if cfg.scorer_policy == "ref" and not loop:
+            reason = "has no model (its scores are synthetic)" if synthetic else "has one model"
             raise ToRConfigError(
-                f"tor.scorer_policy='ref': `verl-tor {args.command}` has one model and no reference policy, so it "
-                "would silently score the image-free view with that same model. Fix: leave tor.scorer_policy=old "
-                "(the paper's setting) here; 'ref' applies to training runs with a reference model."
+                f"tor.scorer_policy='ref': {what} {reason} and no reference policy, so it would silently score the "
+                "image-free view as with tor.scorer_policy=old. Fix: leave tor.scorer_policy=old (the paper's) here; "
+                "'ref' applies to verl's trainer: plain `verl-tor demo` (GRPO) or a recipe."
             )
-        if not cfg.enable and (args.command == "inspect" or args.synthetic):
-            what = "`verl-tor inspect`" if args.command == "inspect" else "`verl-tor demo --synthetic`"
+        if not cfg.enable and (args.command == "inspect" or synthetic):
             raise ToRConfigError(
                 f"tor.enable=false: {what} shows what ToR selects, and with ToR off it selects nothing. "
                 "Fix: drop tor.enable=false (plain `verl-tor demo` with tor.enable=false runs stock GRPO)."
             )
-        if cfg.rank_tokens == "informative" and (args.command == "inspect" or args.synthetic):
-            what = "`verl-tor inspect`" if args.command == "inspect" else "`verl-tor demo --synthetic`"
+        if cfg.rank_tokens == "informative" and (args.command == "inspect" or synthetic):
             raise ToRConfigError(
                 f"tor.rank_tokens='informative' ranks tokens with a non-zero advantage, and {what} has no rewards, "
                 "hence no advantages. Fix: leave tor.rank_tokens=all here (`verl-tor demo` has GRPO advantages)."
             )
-    except ToRConfigError as exc:
+        if loop:
+            recipe = demo_recipe(args.algorithm, cfg.enable)
+            args.response_length = args.response_length or LOOP_RESPONSE_LENGTH
+            warnings = check_loop_demo(
+                args.out_dir,
+                steps=args.steps,
+                seed=args.seed,
+                recipe=recipe,
+                prompts=args.prompts,
+                n=args.n,
+                response_length=args.response_length,
+                scorer_policy=cfg.scorer_policy,
+                needs_image_free_pass=cfg.needs_image_free_pass,
+            )
+    except (ToRConfigError, DemoInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command == "inspect":
@@ -370,20 +491,24 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: summary[k] for k in ("rollouts", "tokens", "metrics", "token_map")}, indent=2))
         return 0
     if args.synthetic:
+        args.response_length = args.response_length or LOOP_RESPONSE_LENGTH
         return run_synthetic(args, cfg)
     if args.one_step:
         from verl_tor.tools.demo import main as run_demo
 
-        args.response_length = args.response_length or 24
+        args.response_length = args.response_length or ONE_STEP_RESPONSE_LENGTH
+        args.out_dir = fresh_folder(args.out_dir, "one_step")
         return run_demo(args, cfg)
     from verl_tor.tools.loop_demo import main as run_loop_demo
 
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return run_loop_demo(
         out_dir=args.out_dir,
         steps=args.steps,
         seed=args.seed,
-        recipe=f"{args.algorithm}_tor" if cfg.enable else "grpo",
-        overrides=[f"tor.{k}={v}" for k, v in parse_overrides(args.overrides).items() if k != "enable"],
+        recipe=recipe,
+        overrides=[f"tor.{k}={v}" for k, v in overrides.items() if k != "enable"],
         prompts=args.prompts,
         n=args.n,
         response_length=args.response_length,

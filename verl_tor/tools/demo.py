@@ -19,6 +19,7 @@ a pseudo-score from its token ids so that GRPO advantages are non-zero. Everythi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -346,8 +347,13 @@ def run_demo(
         arms.append((f"ToR-GRPO ({cfg.mode})", tensors["weights"] * advantages, None))
     elif cfg.enable:  # apply=loss: the trainer's loss wrapper folds tor_weights into rollout_is_weights
         arms.append((f"ToR-GRPO ({cfg.mode})", advantages, tensors["weights"]))
+    from verl_tor.tools.in_process import build_actor_config
+
+    actor_config = build_actor_config("actor_rollout_ref.actor.loss_agg_mode=token-mean")  # hydra: compose once
     for name, arm_advantages, tor_weights in _progress(arms, "loss + backward", enabled=progress):
-        losses[name] = _loss_step(model, rows, store, keys, arm_advantages, mask, tor_weights=tor_weights)
+        losses[name] = _loss_step(
+            model, rows, store, keys, arm_advantages, mask, config=actor_config, tor_weights=tor_weights
+        )
 
     html_path = ""
     if cfg.enable:
@@ -442,17 +448,56 @@ def _loss_step(
     return float(loss.detach()), float(grad_norm)
 
 
+QUIET_LOGGERS = ("verl.plugin.platform.platform_manager", "torch.fx._symbolic_trace")
+"""Loggers whose warnings say nothing to a demo user: verl's platform probe (no GPU: it falls back to its nvidia
+platform, which the walk-through does not use) and torch.fx's note on ``is_fx_tracing``."""
+
+
+@contextlib.contextmanager
+def quiet_libraries(log_path: str):
+    """Keep the libraries' notices out of the walk-through's output; they go to ``log_path`` instead.
+
+    verl warns once per optional engine it cannot import (torchtitan, veomni, automodel, mindspeed, megatron), prints
+    its model monkey-patch lines on stdout, and logs its platform probe; torch.fx logs a note, transformers draws
+    progress bars for a 4 MB checkpoint. None of it is about ToR. Errors still reach the terminal.
+    """
+    import importlib
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    for name in QUIET_LOGGERS:  # each sets its own level when imported: import first, then quieten
+        importlib.import_module(name)
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    bars = hf_logging.is_progress_bar_enabled()
+    with open(log_path, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* engine is not available", category=UserWarning)
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
 def main(args: argparse.Namespace, cfg: ToRConfig) -> int:
+    """``verl-tor demo --one-step`` into ``args.out_dir`` (the CLI gives each run a fresh folder)."""
     t0 = time.perf_counter()
-    result = run_demo(
-        cfg,
-        out_dir=args.out_dir,
-        n_prompts=args.prompts,
-        n=args.n,
-        max_new_tokens=args.response_length,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    with quiet_libraries(os.path.join(args.out_dir, "libraries.log")):
+        result = run_demo(
+            cfg,
+            out_dir=args.out_dir,
+            n_prompts=args.prompts,
+            n=args.n,
+            max_new_tokens=args.response_length,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
     total = time.perf_counter() - t0
     print()
     if not cfg.enable:

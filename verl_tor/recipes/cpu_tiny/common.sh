@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # verl's real trainer on a laptop: the Geometry3K recipe body (../common.sh) scaled to a tiny Qwen2.5-VL on CPU,
 # with verl_tor's local backend (verl_tor/local/: the `cpu` platform, the `hf` rollout). Sourced by grpo.sh,
-# grpo_tor.sh and dapo_tor.sh; every setting is a variable with a default, and extra hydra overrides follow the script
+# grpo_tor.sh, dapo.sh and dapo_tor.sh; every setting is a variable with a default, and extra hydra overrides follow the script
 # ("$@", last). These files are package data (verl_tor/recipes/): `verl-tor demo` runs them from an installed wheel,
 # and a checkout's recipes/cpu_tiny/*.sh forward to them. Prepare the data once:
 # python -m verl_tor.local.prepare --out-dir "$CPU_DIR" (`verl-tor demo` does it for you).
@@ -40,6 +40,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 # run_recipe / run_tor_recipe before "$@", after the GPU settings it replaces (hydra keeps the last value of a key).
 cpu_args() {
   local experiment=$1
+  check_cpu_data
   # shellcheck disable=SC2034  # read by the scripts that source this file
   CPU_ARGS=(
     trainer.device=cpu
@@ -76,4 +77,21 @@ cpu_args() {
     +ray_kwargs.ray_init.num_gpus="$N_GPUS_PER_NODE"
     +ray_kwargs.ray_init._temp_dir="$RAY_TMP"
   )
+}
+
+# check_cpu_data: exit 2 with the prepare command when the data files are missing. verl reads them only inside its
+# Ray task runner, where a missing file is a `datasets` traceback 20-30 s after start-up. A dry run
+# (VERL_TOR_DRY_RUN) reads no data and is not checked.
+check_cpu_data() {
+  [[ "${VERL_TOR_DRY_RUN:-0}" != "0" ]] && return 0
+  local file
+  for file in "$TRAIN_FILES" "$VAL_FILES"; do
+    if [[ ! -f "$file" ]]; then
+      { set +x; } 2>/dev/null
+      echo "error: $file does not exist: the CPU recipes train on the figure task's problems, which" \
+        "verl_tor.local.prepare writes once. Fix: python -m verl_tor.local.prepare --out-dir $CPU_DIR, then run" \
+        "this again with CPU_DIR=$CPU_DIR; or point DATA_DIR (or TRAIN_FILES, VAL_FILES) at existing files." >&2
+      exit 2
+    fi
+  done
 }
