@@ -427,7 +427,10 @@ def test_help_is_plain_text_and_a_closed_pipe_is_quiet():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "verl_tor.tools.cli"]
     help_text = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env, check=True).stdout
-    assert "``" not in help_text and "verl-tor: the command line (demo, inspect, docs, check-config)" in help_text
+    assert (
+        "``" not in help_text
+        and "verl-tor: the command line (demo, inspect, docs, check-config, config-path)" in help_text
+    )
     read, write = os.pipe()
     os.close(read)
     proc = subprocess.run([*cmd, "docs"], stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
