@@ -387,3 +387,36 @@ def test_image_free_pass_runs_at_the_rollout_temperature(kv, tiny_model, tiny_pr
             torch.testing.assert_close(free.log_prob[0], want, rtol=1e-4, atol=1e-4)
         else:
             assert (free.log_prob[0] - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("apply", ["advantage", "loss"])
+def test_init_installs_the_loss_wrapper_on_the_actor_for_apply_loss(monkeypatch, tiny_processor, apply):
+    """``ToRTrainerSync.init`` after verl's own ``init`` (workers built; stubbed here): builds the stage and, for
+    ``tor.apply=loss`` only, hands the actor workers verl's ``ppo_loss`` wrapped by ``tor_ppo_loss`` with the run's
+    actor config (``set_loss_fn``). The loop check that the weights reach the loss is in
+    ``test_main_ppo_wiring_on_cpu.py``."""
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    from verl_tor.loss import tor_ppo_loss
+
+    class WG:
+        def __init__(self):
+            self.loss_fns = []
+
+        def set_loss_fn(self, fn):
+            self.loss_fns.append(fn)
+
+        def compute_log_prob(self, meta):
+            raise AssertionError("not called here")
+
+    monkeypatch.setattr(PPOTrainerSync, "init", lambda self: None)
+    trainer = make_trainer("tor.enable=true", f"tor.apply={apply}", "actor_rollout_ref.actor.clip_ratio_high=0.28")
+    trainer.actor_rollout_wg, trainer.processor = WG(), tiny_processor
+    trainer.init()
+    assert trainer.tor_stage is not None
+    if apply == "advantage":
+        assert trainer.actor_rollout_wg.loss_fns == []
+        return
+    (fn,) = trainer.actor_rollout_wg.loss_fns
+    assert fn.func is tor_ppo_loss
+    assert fn.keywords["config"].clip_ratio_high == 0.28  # the run's ActorConfig, as verl's own partial(ppo_loss)
