@@ -33,7 +33,9 @@ def engine():
     return obj
 
 
-def call(engine, logits, lengths, **flags):
+def call(engine, logits, lengths, temperature=1.0, **flags):
+    """verl's packed branch (use_remove_padding=true): (1, total, V) logits; verl divides them by ``temperature``
+    before any entropy is computed."""
     from verl.utils import tensordict_utils as tu
 
     g = torch.Generator().manual_seed(0)  # the same token ids on every call
@@ -44,9 +46,9 @@ def call(engine, logits, lengths, **flags):
     total = sum(lengths)
     output_args = {
         "input_ids_rmpad_rolled": torch.roll(input_ids.values(), -1),
-        "temperature_rmpad": torch.ones(total),
+        "temperature_rmpad": torch.full((total,), float(temperature)),
         "pad_size": 0,
-        "temperature_is_one": True,
+        "temperature_is_one": temperature == 1.0,
     }
     out = engine.prepare_model_outputs(types.SimpleNamespace(logits=logits), output_args, micro_batch, None)
     return out["entropy"].values(), out["log_probs"].values()
@@ -69,6 +71,57 @@ def test_flag_switches_entropy_to_top_p_for_that_call_only(engine):
     assert engine.compute_entropy_from_logits is verl_F.entropy_from_logits  # restored after the call
     again, _ = call(engine, logits, lengths)
     torch.testing.assert_close(again, full)
+
+
+@pytest.fixture
+def top_p_calls(monkeypatch):
+    """The hook reinstalled around a recording ``verl_tor.ops.compute_top_p_entropy_from_logits`` (it binds the op
+    when installed); verl's hook as the plugin installed it again afterwards."""
+    import verl_tor.ops
+    from verl_tor.integration.engine import install_top_p_entropy_hook, uninstall_top_p_entropy_hook
+
+    op, calls = verl_tor.ops.compute_top_p_entropy_from_logits, []
+
+    def recording(logits, top_p, **kwargs):
+        calls.append(kwargs)
+        return op(logits, top_p, **kwargs)
+
+    uninstall_top_p_entropy_hook()
+    monkeypatch.setattr(verl_tor.ops, "compute_top_p_entropy_from_logits", recording)
+    install_top_p_entropy_hook()
+    try:
+        yield calls
+    finally:
+        uninstall_top_p_entropy_hook()
+        monkeypatch.undo()
+        install_top_p_entropy_hook()
+
+
+def test_chunked_entropy_branch_gets_the_top_p_entropy_at_the_rollout_temperature(engine, top_p_calls):
+    """``entropy_from_logits_with_chunking=true``: verl calls ``compute_entropy_from_logits(logits, chunk_size=...)``
+    on logits already divided by the temperature; the hook's stand-in passes the chunk size on to the op and returns
+    the top-p entropy of those logits (T = 0.7 here: the entropy of logits / T, not of the raw logits)."""
+    from verl.utils import torch_functional as verl_F
+
+    from verl_tor.ops import compute_top_p_entropy_from_logits
+
+    engine.engine_config = types.SimpleNamespace(
+        entropy_checkpointing=False, entropy_from_logits_with_chunking=True, entropy_from_logits_chunk_size=3
+    )
+    engine.compute_entropy_from_logits = verl_F.entropy_from_logits_with_chunking  # what verl's engine sets then
+    torch.manual_seed(3)
+    lengths, temperature = [5, 4], 0.7
+    logits = torch.randn(1, 9, 50) * 3
+    full, lp_full = call(engine, logits, lengths, temperature=temperature)
+    top_p, lp_top_p = call(engine, logits, lengths, temperature=temperature, tor_entropy_top_p=0.8)
+    assert top_p_calls == [{"chunk_size": 3}]  # verl's chunk size reached the op
+    scaled = logits[0] / temperature
+    torch.testing.assert_close(full, verl_F.entropy_from_logits(scaled))
+    torch.testing.assert_close(top_p, compute_top_p_entropy_from_logits(scaled, 0.8))
+    assert (top_p - compute_top_p_entropy_from_logits(logits[0], 0.8)).abs().max() > 1e-2  # T matters here
+    assert (top_p < full - 1e-3).any()
+    torch.testing.assert_close(lp_full, lp_top_p)
+    assert engine.compute_entropy_from_logits is verl_F.entropy_from_logits_with_chunking  # restored
 
 
 def test_hook_is_idempotent_and_revertible():
@@ -178,28 +231,31 @@ FORWARD_STEP = textwrap.dedent(
             build_verl_row(proc, prompt("What is two plus two?", None), torch.tensor([40, 41, 42]), None)]
     keys = ["a", "b"]
     # independent reference first: the model's own forward (before verl patches the classes), response positions
+    cases = [(None, 1.0), (0.7, 1.0), (None, 0.7), (0.7, 0.7)]  # (entropy top-p, rollout temperature)
     want = {}
-    for top_p in (None, 0.7):
-        parts = [compute_sequence_log_probs(model, r, with_entropy=True, entropy_top_p=top_p)
+    for top_p, t in cases:
+        parts = [compute_sequence_log_probs(model, r, temperature=t, with_entropy=True, entropy_top_p=top_p)
                  for r in rows]
-        want[top_p] = [torch.cat([p[k][-len(r["responses"]) - 1:-1] for p, r in zip(parts, rows)]) for k in (0, 1)]
+        want[top_p, t] = [torch.cat([p[k][-len(r["responses"]) - 1:-1] for p, r in zip(parts, rows)]) for k in (0, 1)]
 
     store = InMemoryKV()
     store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
     engine = setup_cpu_engine(model)
     scorer = EngineLogProbScorer(store, engine)
     got = {}
-    for top_p in (None, 0.7):
-        scorer.compute_old_log_prob(keys, entropy_top_p=top_p)
+    for top_p, t in cases:
+        scorer.compute_old_log_prob(keys, temperature=t, entropy_top_p=top_p)
         out = store.kv_batch_get(keys, "train", ["old_log_probs", "entropy"])
-        got[top_p] = [out["old_log_probs"].values(), out["entropy"].values()]
+        got[top_p, t] = [out["old_log_probs"].values(), out["entropy"].values()]
     err = lambda a, b: float((a - b).abs().max())
     print(json.dumps({
-        "log_prob_err": max(err(got[p][0], want[p][0]) for p in got),
-        "entropy_err": {str(p): err(got[p][1], want[p][1]) for p in got},
-        "top_p_below_full": int((got[0.7][1] < got[None][1] - 1e-3).sum()),
-        "tokens": int(got[0.7][1].numel()),
+        "log_prob_err": max(err(got[c][0], want[c][0]) for c in got),
+        "entropy_err": {f"{p}@{t}": err(got[p, t][1], want[p, t][1]) for p, t in got},
+        "temperature_moves_top_p_entropy": err(got[0.7, 0.7][1], got[0.7, 1.0][1]),
+        "top_p_below_full": int((got[0.7, 1.0][1] < got[None, 1.0][1] - 1e-3).sum()),
+        "tokens": int(got[0.7, 1.0][1].numel()),
         "flag_reached_verl": [c.get("tor_entropy_top_p") for c in scorer.calls],
+        "temperatures": [c.get("temperature") for c in scorer.calls],
         "restored": impl.verl_F is torch_functional
         and engine.compute_entropy_from_logits is torch_functional.entropy_from_logits,
     }))
@@ -210,7 +266,8 @@ FORWARD_STEP = textwrap.dedent(
 def test_top_p_entropy_through_verl_forward_step_non_packed():
     """The old-policy pass through verl's real forward_step (use_remove_padding=false, as on CPU): with the trainer's
     flag the entropy verl writes back is the top-p one, equal to an independent computation from the model's own
-    forward; without it, verl's full entropy. verl's model patch is process-wide: a fresh interpreter."""
+    forward; without it, verl's full entropy; at the rollout temperature 1.0 and 0.7 (logits / T). verl's model
+    patch is process-wide: a fresh interpreter."""
     proc = subprocess.run(
         [sys.executable, "-c", FORWARD_STEP],
         capture_output=True,
@@ -222,9 +279,11 @@ def test_top_p_entropy_through_verl_forward_step_non_packed():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["log_prob_err"] < 1e-4, result
-    assert result["entropy_err"]["None"] < 1e-4 and result["entropy_err"]["0.7"] < 1e-4, result
+    assert max(result["entropy_err"].values()) < 1e-4 and len(result["entropy_err"]) == 4, result
+    assert result["temperature_moves_top_p_entropy"] > 1e-2, result  # T = 0.7 is not T = 1 here
     assert result["top_p_below_full"] > result["tokens"] // 2, result  # top-p, not the full entropy
-    assert result["flag_reached_verl"] == [None, 0.7] and result["restored"], result
+    assert result["flag_reached_verl"] == [None, 0.7, None, 0.7] and result["restored"], result
+    assert result["temperatures"] == [1.0, 1.0, 0.7, 0.7], result
 
 
 def test_config_accepts_top_p_with_either_padding_path():
@@ -278,9 +337,9 @@ def test_trainer_sets_the_flag_only_around_the_old_log_prob_pass(monkeypatch):
     from verl_tor.config import ToRConfig
 
     trainer.tor_config = ToRConfig(enable=True, entropy="top_p", entropy_top_p=0.9)
-    meta = KVMeta(keys=["a"], extra_info={"temperature": 1.0})
+    meta = KVMeta(keys=["a"], extra_info={"temperature": 0.7})
     trainer._compute_old_log_prob(meta, {})
-    assert seen["tor_entropy_top_p"] == 0.9
+    assert seen["tor_entropy_top_p"] == 0.9 and seen["temperature"] == 0.7  # verl's rollout temperature untouched
     assert "tor_entropy_top_p" not in meta.extra_info
     trainer.tor_config = ToRConfig(enable=True)
     seen.clear()

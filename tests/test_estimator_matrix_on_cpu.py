@@ -91,23 +91,84 @@ def fill_store(store: InMemoryKV, n_prompts: int = 3, n: int = 4, seed: int = 0)
     return KVMeta(keys=keys, partition_id="train")
 
 
+SUM_PI_SQUARED = ["actor_rollout_ref.actor.calculate_sum_pi_squared=true"]
+REFUSED_CRASHES = {
+    # estimator: [(extra overrides, the exception verl raises, its message, the verl function raising it)]
+    "remax": [
+        ([], TypeError, r"compute_remax_outcome_advantage\(\) missing .*'reward_baselines'", "compute_advantage")
+    ],
+    "gdpo": [
+        (["+algorithm.gdpo_reward_keys=[acc]"], KeyError, r"\"prompts\" not found", "compute_gdpo_outcome_advantage"),
+        ([], AssertionError, r"GDPO requires 'algorithm.gdpo_reward_keys'", "compute_gdpo_outcome_advantage"),
+    ],
+    "optimal_token_baseline": [(SUM_PI_SQUARED, AssertionError, r"requires sum_pi_squared", "compute_advantage")],
+    "tir_optimal_token_baseline": [(SUM_PI_SQUARED, AssertionError, r"requires sum_pi_squared", "compute_advantage")],
+}
+"""The crash each refusal prevents, as verl 0.9.1's V1 trainer raises it (its reason in ``REFUSED_ESTIMATORS`` must
+name the exception and the missing input)."""
+
+REASON_NAMES = {
+    "remax": ("TypeError", "reward_baselines", "compute_remax_outcome_advantage"),
+    "gdpo": ("KeyError", "AssertionError", "prompts", "gdpo_reward_keys", "compute_gdpo_outcome_advantage"),
+    "optimal_token_baseline": ("AssertionError", "sum_pi_squared"),
+    "tir_optimal_token_baseline": ("AssertionError", "sum_pi_squared"),
+}
+
+
+def test_every_refused_estimator_has_its_crash_on_record():
+    assert REFUSED_CRASHES.keys() == REFUSED_ESTIMATORS.keys() == REASON_NAMES.keys()
+
+
 @pytest.mark.parametrize("estimator", sorted(REFUSED_ESTIMATORS))
-def test_refused_estimators_crash_in_verls_own_v1_trainer_without_tor(monkeypatch, estimator):
+def test_refusal_names_the_estimator_the_crash_and_the_fix(estimator):
+    """What a user reads: the field and value, the reason (the exception verl would raise and the input it lacks),
+    and the fix; raised by the config check, before Ray starts."""
+    from verl_tor.config import ToRConfig, ToRConfigError
+    from verl_tor.integration.trainer import check_adv_estimator
+
+    reason = REFUSED_ESTIMATORS[estimator]
+    for name in REASON_NAMES[estimator]:
+        assert name in reason, (estimator, name, reason)
+    with pytest.raises(ToRConfigError) as err:
+        check_adv_estimator(estimator, ToRConfig(enable=True))
+    message = str(err.value)
+    assert f"algorithm.adv_estimator={estimator!r}" in message and reason in message
+    assert "Fix: use an estimator verl's V1 trainer runs" in message
+    for crash in REFUSED_CRASHES[estimator]:  # the exception the crash test below sees is the one the reason names
+        assert crash[1].__name__ in reason
+
+
+@pytest.mark.parametrize(
+    "estimator,extra,error,match,raised_in",
+    [(e, *crash) for e in sorted(REFUSED_CRASHES) for crash in REFUSED_CRASHES[e]],
+    ids=[f"{e}-{crash[1].__name__}" for e in sorted(REFUSED_CRASHES) for crash in REFUSED_CRASHES[e]],
+)
+def test_refused_estimators_crash_in_verls_own_v1_trainer_without_tor(
+    monkeypatch, estimator, extra, error, match, raised_in
+):
     """The claim behind the refusal: verl's stock sync trainer (ToR off) dies in ``_compute_advantage`` at step 1,
-    even with the inputs the estimator wants set in the config and present in TransferQueue."""
+    even with the inputs the estimator wants set in the config and present in TransferQueue, with the exception the
+    reason names, raised in verl's own code (not in this test's in-memory TransferQueue or fixtures)."""
+    import traceback
+
+    import verl
     import verl.trainer.ppo.v1.trainer_base as trainer_base
 
     store = InMemoryKV()
     monkeypatch.setattr(trainer_base, "tq", store)
-    extra = {
-        "gdpo": ["+algorithm.gdpo_reward_keys=[acc]"],
-        "optimal_token_baseline": ["actor_rollout_ref.actor.calculate_sum_pi_squared=true"],
-        "tir_optimal_token_baseline": ["actor_rollout_ref.actor.calculate_sum_pi_squared=true"],
-    }.get(estimator, [])
     trainer = make_trainer("trainer.v1.trainer_mode=sync", f"algorithm.adv_estimator={estimator}", *extra)
     meta = fill_store(store)
-    with pytest.raises((TypeError, AssertionError, KeyError)):
+    with pytest.raises(Exception) as err:
         trainer._compute_advantage(meta, {})
+    assert type(err.value) is error, f"{type(err.value).__name__}: {err.value}"
+    assert err.match(match)
+    frames = traceback.extract_tb(err.value.__traceback__)[1:]  # below this test's own call
+    verl_dir = str(Path(verl.__file__).parent)
+    assert frames[0].name == "_compute_advantage" and frames[0].filename.startswith(verl_dir)
+    ours = [f for f in frames if not f.filename.startswith(verl_dir) and "tensordict" not in f.filename]
+    assert not ours, [f"{f.filename}:{f.lineno} {f.name}" for f in ours]
+    verl_frames = [f for f in frames if f.filename.startswith(verl_dir)]
+    assert verl_frames[-1].name == raised_in, verl_frames[-1]
 
 
 class EveryRowHasAnImage:

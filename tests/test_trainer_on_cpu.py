@@ -345,3 +345,78 @@ def test_build_stage_scores_with_the_reference_policy_when_asked(tiny_processor)
     trainer.ref_in_actor = True  # LoRA: the reference is the actor without its adapter
     stage = build_stage(trainer)
     assert stage.score.__func__ is WG.compute_log_prob and stage.extra_meta == {"no_lora_adapter": True}
+
+
+def test_image_free_pass_runs_at_the_rollout_temperature(kv, tiny_model, tiny_processor, geometry_images):
+    """``build_stage`` takes ``actor_rollout_ref.rollout.temperature`` (here 0.7) and the stage asks the scorer for the
+    image-free log-probs at it, as verl's old-policy pass does: log π_T(o_t | ∅, q, o_<t) from a plain forward of the
+    image-free sequence with logits / T, not 1.0's (which differ by far more than the tolerance)."""
+    import dataclasses
+
+    from verl_tor.integration.trainer import build_stage
+    from verl_tor.stage import rows_to_tensordict
+    from verl_tor.tools.demo import encode_prompt
+    from verl_tor.tools.in_process import LocalLogProbScorer, build_verl_row
+    from verl_tor.views import VisionTokenIds
+
+    temperature = 0.7
+    trainer = make_trainer("tor.enable=true", f"actor_rollout_ref.rollout.temperature={temperature}")
+    scorer = LocalLogProbScorer.for_model(kv, tiny_model)
+    trainer.actor_rollout_wg, trainer.processor = scorer, tiny_processor
+    stage = build_stage(trainer)
+    assert stage.temperature == temperature
+    stage = dataclasses.replace(stage, store=kv, make_meta=KVMeta)  # the in-memory TransferQueue
+
+    prompt = encode_prompt(tiny_processor, {"question": "Find its area.", "image": geometry_images[0]})["input_ids"][0]
+    response = torch.tensor([40, 41, 42, 43, 44])
+    row = build_verl_row(tiny_processor, prompt, response, [geometry_images[0]])
+    kv.kv_batch_put(["r0"], "train", fields=rows_to_tensordict([row]))
+    free = stage.score_image_free(KVMeta(keys=["r0"], partition_id="train"), width=len(response))
+    assert bool(free.scored[0]) and [c["temperature"] for c in scorer.calls] == [temperature]
+
+    # the reference: the prompt without its vision tokens + the response, the model's own forward, logits / T
+    token_ids = VisionTokenIds.from_processor(tiny_processor)
+    vision = {token_ids.vision_start, token_ids.vision_end, token_ids.image_pad, token_ids.video_pad}
+    text_prompt = torch.tensor([t for t in prompt.tolist() if t not in vision])
+    ids = torch.cat([text_prompt, response]).unsqueeze(0)
+    with torch.no_grad():
+        logits = tiny_model(input_ids=ids).logits[0, len(text_prompt) - 1 : -1].float()  # predicts the response
+    for t in (temperature, 1.0):
+        want = torch.log_softmax(logits / t, dim=-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        if t == temperature:
+            torch.testing.assert_close(free.log_prob[0], want, rtol=1e-4, atol=1e-4)
+        else:
+            assert (free.log_prob[0] - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("apply", ["advantage", "loss"])
+def test_init_installs_the_loss_wrapper_on_the_actor_for_apply_loss(monkeypatch, tiny_processor, apply):
+    """``ToRTrainerSync.init`` after verl's own ``init`` (workers built; stubbed here): builds the stage and, for
+    ``tor.apply=loss`` only, hands the actor workers verl's ``ppo_loss`` wrapped by ``tor_ppo_loss`` with the run's
+    actor config (``set_loss_fn``). The loop check that the weights reach the loss is in
+    ``test_main_ppo_wiring_on_cpu.py``."""
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    from verl_tor.loss import tor_ppo_loss
+
+    class WG:
+        def __init__(self):
+            self.loss_fns = []
+
+        def set_loss_fn(self, fn):
+            self.loss_fns.append(fn)
+
+        def compute_log_prob(self, meta):
+            raise AssertionError("not called here")
+
+    monkeypatch.setattr(PPOTrainerSync, "init", lambda self: None)
+    trainer = make_trainer("tor.enable=true", f"tor.apply={apply}", "actor_rollout_ref.actor.clip_ratio_high=0.28")
+    trainer.actor_rollout_wg, trainer.processor = WG(), tiny_processor
+    trainer.init()
+    assert trainer.tor_stage is not None
+    if apply == "advantage":
+        assert trainer.actor_rollout_wg.loss_fns == []
+        return
+    (fn,) = trainer.actor_rollout_wg.loss_fns
+    assert fn.func is tor_ppo_loss
+    assert fn.keywords["config"].clip_ratio_high == 0.28  # the run's ActorConfig, as verl's own partial(ppo_loss)

@@ -51,8 +51,10 @@ _NO_SUM_PI_SQUARED = (
 REFUSED_ESTIMATORS: dict[str, str] = {
     "remax": "verl's V1 _compute_advantage never passes reward_baselines (the V1 trainer has no ReMax greedy-baseline "
     "rollout), so compute_remax_outcome_advantage raises TypeError at step 1, with or without ToR",
-    "gdpo": "verl's V1 _compute_advantage passes only uid to the estimator, not the per-component rewards "
-    "(algorithm.gdpo_reward_keys) GDPO normalises, so it raises AssertionError at step 1, with or without ToR",
+    "gdpo": "verl's V1 _compute_advantage hands the estimator only what it reads from TransferQueue (uid, "
+    "response_mask, rm_scores, log-probs, values): with algorithm.gdpo_reward_keys set, compute_gdpo_outcome_advantage "
+    "raises KeyError on the missing batch['prompts'] (and the per-component rewards it normalises never reach it), "
+    "without them AssertionError, at step 1, with or without ToR",
     "optimal_token_baseline": _NO_SUM_PI_SQUARED,
     "tir_optimal_token_baseline": _NO_SUM_PI_SQUARED,
 }
