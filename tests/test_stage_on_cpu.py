@@ -65,15 +65,18 @@ class RecordingScorer:
         return getattr(self.scorer, name)
 
 
-def run_stage(tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMeta, step=3, advantages=None):
+def run_stage(
+    tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMeta, step=3, advantages=None, on_weights=None
+):
     """verl's step up to the ToR stage on ``store`` (default: the in-memory double; or the real ``transfer_queue``).
 
-    ``advantages``: one value per row (default 1), stored on each of the row's tokens as GRPO's outcome advantage."""
+    ``advantages``: one value per row (default 1), stored on each of the row's tokens as GRPO's outcome advantage.
+    The old-policy pass carries the top-p flag under ``tor.entropy=top_p``, as the ToR trainer's does."""
     rows, keys, _ = batch
     store = InMemoryKV() if store is None else store
     store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
     scorer = RecordingScorer(LocalLogProbScorer.for_model(store, tiny_model), store)
-    scorer.compute_old_log_prob(keys)
+    scorer.compute_old_log_prob(keys, entropy_top_p=cfg.entropy_top_p if cfg.entropy == "top_p" else None)
     from tensordict import TensorDict
 
     old = store.kv_batch_get(keys, "train", ["old_log_probs"])["old_log_probs"]
@@ -90,6 +93,7 @@ def run_stage(tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMe
         build_view=make_view_builder(cfg, tiny_processor),
         store=store,
         temperature=1.0,
+        on_weights=on_weights,
     )
     metrics, timing = {}, {}
     meta = stage.run(meta, metrics, timing, step=step)  # the meta verl passes on to the actor update
@@ -280,6 +284,34 @@ def test_entropy_diff_asks_the_scorer_for_entropy(tiny_model, tiny_processor, ba
     views = [c for c in scorer.calls if c["partition_id"] == "tor_noimg"]
     assert views[0]["calculate_entropy"] is True
     assert metrics["tor/sensitivity_mean/selected"] > metrics["tor/sensitivity_mean/rest"]
+
+
+@pytest.mark.parametrize("entropy", ["top_p", "full"])
+def test_entropy_diff_compares_two_entropies_of_the_same_kind(tiny_model, tiny_processor, batch, entropy):
+    """``tor.sensitivity=entropy_diff``: S_t = |H_img − H_noimg| with both entropies top-p under ``tor.entropy=top_p``
+    (the old pass's is; the image-free pass must ask for it too) and both full otherwise (issue 21.4). Checked
+    against entropies of the with-image row and of the prompt rebuilt without the image, computed independently."""
+    from verl_tor.stage import TOP_P_FLAG
+
+    rows, _, plan = batch
+    cfg = ToRConfig(enable=True, sensitivity="entropy_diff", apply="loss", entropy=entropy, entropy_top_p=0.8)
+    captured = {}
+    _, scorer, _, _ = run_stage(
+        tiny_model, tiny_processor, batch, cfg, on_weights=lambda **kw: captured.update(kw["tensors"])
+    )
+    (view_call,) = [c for c in scorer.calls if c["partition_id"] == "tor_noimg"]
+    assert view_call.get(TOP_P_FLAG) == (0.8 if entropy == "top_p" else None)
+    top_p = 0.8 if entropy == "top_p" else None
+    want = torch.zeros_like(captured["sensitivity"])
+    for i, (row, (question, image, response)) in enumerate(zip(rows, plan)):
+        if image is None:
+            continue  # not scored: S_t = 0
+        n = len(response)
+        h_img = compute_sequence_log_probs(tiny_model, row, with_entropy=True, entropy_top_p=top_p)[1][-n - 1 : -1]
+        scratch = build_verl_row(tiny_processor, chat_prompt(tiny_processor, question), response, None)
+        h_free = compute_sequence_log_probs(tiny_model, scratch, with_entropy=True, entropy_top_p=top_p)[1][-n - 1 : -1]
+        want[i, :n] = (h_img - h_free).abs()
+    torch.testing.assert_close(captured["sensitivity"], want, rtol=1e-4, atol=1e-5)
 
 
 def test_reasoning_only_skips_the_image_free_pass(tiny_model, tiny_processor, batch):

@@ -37,6 +37,13 @@ VIEW_PARTITION = "tor_noimg"
 
 VIEW_KEY_SUFFIX = "@tor_noimg"
 
+TOP_P_FLAG = "tor_entropy_top_p"
+"""Non-tensor ``extra_info`` flag of a log-prob call: the engine hook (``verl_tor.integration.engine``) then returns the
+entropy of the top-p truncated distribution (``tor.entropy=top_p``) instead of the full one. The ToR trainer sets it
+for the old-policy pass only (the update pass keeps verl's full entropy); the stage sets it on its image-free pass
+when that pass's entropy is compared with the old pass's (``tor.sensitivity=entropy_diff``), so S_t = |H_img −
+H_noimg| compares two entropies of the same kind."""
+
 # What verl's compute_log_prob reads of a trajectory: the engine forward (input_ids, position_ids, multimodal
 # inputs), the response slicing (prompts, responses, response_mask) and FSDPEngine.forward_backward_batch, which
 # sums loss_mask for its token count even when forward-only. Everything else of the row (rewards, advantages,
@@ -325,6 +332,17 @@ class ToRStage:
         view_keys = [k + VIEW_KEY_SUFFIX for k in keys]
         want_entropy = noimg_entropy is not None
         view_td = rows_to_tensordict(view_rows)
+        extra_info = {
+            **dict(batch.extra_info or {}),
+            "calculate_entropy": want_entropy,
+            "compute_loss": False,
+            "temperature": self.temperature,
+            **self.extra_meta,
+        }
+        # H_noimg the same kind as the old pass's H_img (stored in `entropy`): top-p under tor.entropy=top_p, else full
+        extra_info.pop(TOP_P_FLAG, None)
+        if want_entropy and self.config.entropy == "top_p":
+            extra_info[TOP_P_FLAG] = float(self.config.entropy_top_p)
         try:
             self.store.kv_batch_put(
                 keys=view_keys,
@@ -336,13 +354,7 @@ class ToRStage:
                 keys=view_keys,
                 partition_id=VIEW_PARTITION,
                 tags=[dict(tag) for tag in batch.tags],
-                extra_info={
-                    **dict(batch.extra_info or {}),
-                    "calculate_entropy": want_entropy,
-                    "compute_loss": False,
-                    "temperature": self.temperature,
-                    **self.extra_meta,
-                },
+                extra_info=extra_info,
             )
             output = self.score(meta)
             if output is not None and hasattr(output, "__len__") and len(output) != len(view_keys):
