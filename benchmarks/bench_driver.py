@@ -105,7 +105,7 @@ def main() -> None:
     print("| --- | --- | --- |")
     for name, per_row in (
         ("read: prompts, responses, masks (what the stage reads)", per_row_fields),
-        ("read: + input_ids, attention_mask, position_ids (rebuilt instead)", per_row_all - per_row_fields),
+        ("read: + input_ids, position_ids (rebuilt instead)", per_row_all - per_row_fields),
         ("read: + multi_modal_inputs (skipped by remove)", per_row_pixels),
         ("write: image-free rows", per_row_view),
     ):

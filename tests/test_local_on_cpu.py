@@ -24,6 +24,7 @@ from verl.plugin.platform import PlatformRegistry
 from verl.workers.engine.base import EngineRegistry
 from verl.workers.rollout.base import _ROLLOUT_REGISTRY
 from verl.workers.rollout.replica import RolloutReplicaRegistry
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 print(json.dumps({
     "platforms": sorted(PlatformRegistry.registered_names()),
     "engines": {m: {b: sorted(map(str, d)) for b, d in bs.items()} for m, bs in EngineRegistry._engines.items()},
@@ -31,6 +32,7 @@ print(json.dumps({
     "rollouts": sorted(map(list, _ROLLOUT_REGISTRY)),
     "process_group_fn": getattr(dist.initialize_global_process_group_ray, "__verl_tor__", False),
     "offload_policy": getattr(impl.CPUOffloadPolicy, "__verl_tor__", False),
+    "selection_order": getattr(ReplayBuffer._select_prompt_uids, "__verl_tor__", False),
 }))
 """
 
@@ -58,6 +60,40 @@ def test_plugin_leaves_verl_as_it_was_unless_the_local_backend_is_selected():
     assert "hf" in selected["replicas"] and ["hf", "async"] in selected["rollouts"]
     assert selected["process_group_fn"] and not stock["process_group_fn"]
     assert selected["offload_policy"] and not stock["offload_policy"]
+    assert selected["selection_order"] and not stock["selection_order"]
+
+
+def test_dapo_keeps_the_first_dispatched_groups_whatever_the_uids():
+    """verl's sync replay buffer keeps ``train_batch_size`` of the finished DAPO groups by ``sorted(set of uids,
+    key=global step)``: ties in a random ``set`` order, uids being uuid4s (issue 17.8). Wrapped, it keeps the first
+    dispatched (``kv_list`` order), older steps still first; the surplus it leaves is what verl discards."""
+    import random
+    import uuid
+
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+    from verl_tor.local.sampling import order_selection_by_dispatch
+
+    rng = random.Random(0)
+    uids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(40)]  # in dispatch order
+    buffer = ReplayBuffer.__new__(ReplayBuffer)  # the selection reads only these two snapshots
+    buffer.prompt_global_steps = {"train": {uid: 3 for uid in uids}}
+    buffer.prompt_global_steps["train"][uids[30]] = 2  # a group left from an earlier step goes first
+    buffer.partitions = {"train": {}}
+    sampleable = set(uids[5:]) - {uids[7], uids[11]}  # the first 5 still running, two filtered out
+    original = ReplayBuffer._select_prompt_uids
+    wrapped_now = order_selection_by_dispatch()
+    try:
+        assert not order_selection_by_dispatch()  # idempotent
+        selected, _, _ = buffer._select_prompt_uids("train", sampleable, 8)
+        assert selected == [uids[30], uids[5], uids[6], uids[8], uids[9], uids[10], uids[12], uids[13]]
+        assert buffer._select_prompt_uids("train", set(sampleable), 8)[0] == selected
+        # verl's own: the same uids in whatever order a set of random strings iterates
+        unordered, _, _ = original(buffer, "train", sampleable, 8)
+        assert unordered[0] == uids[30] and unordered != selected
+    finally:
+        if wrapped_now:
+            ReplayBuffer._select_prompt_uids = original
 
 
 def test_cpu_platform_runs_verl_device_calls_and_a_gloo_process_group():

@@ -68,7 +68,7 @@ def test_image_free_view_equals_a_text_only_prompt(family, geometry_images):
     row = build_verl_row(processor, prompt_ids(processor, geometry_images[0]), response, geometry_images[:1])
     view = build_image_free_view(row, "remove", VisionTokenIds.from_processor(processor), processor)
     scratch = build_verl_row(processor, prompt_ids(processor), response, None)
-    for key in ("prompts", "input_ids", "position_ids", "attention_mask"):
+    for key in ("prompts", "input_ids", "position_ids"):
         assert torch.equal(view[key], scratch[key]), key
     assert torch.equal(view["position_ids"], torch.arange(len(scratch["input_ids"])).repeat(4, 1))  # text-only M-RoPE
     assert view["multi_modal_inputs"] == {} and torch.equal(view["responses"], response)

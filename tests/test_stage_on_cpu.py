@@ -65,15 +65,18 @@ class RecordingScorer:
         return getattr(self.scorer, name)
 
 
-def run_stage(tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMeta, step=3, advantages=None):
+def run_stage(
+    tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMeta, step=3, advantages=None, on_weights=None
+):
     """verl's step up to the ToR stage on ``store`` (default: the in-memory double; or the real ``transfer_queue``).
 
-    ``advantages``: one value per row (default 1), stored on each of the row's tokens as GRPO's outcome advantage."""
+    ``advantages``: one value per row (default 1), stored on each of the row's tokens as GRPO's outcome advantage.
+    The old-policy pass carries the top-p flag under ``tor.entropy=top_p``, as the ToR trainer's does."""
     rows, keys, _ = batch
     store = InMemoryKV() if store is None else store
     store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
     scorer = RecordingScorer(LocalLogProbScorer.for_model(store, tiny_model), store)
-    scorer.compute_old_log_prob(keys)
+    scorer.compute_old_log_prob(keys, entropy_top_p=cfg.entropy_top_p if cfg.entropy == "top_p" else None)
     from tensordict import TensorDict
 
     old = store.kv_batch_get(keys, "train", ["old_log_probs"])["old_log_probs"]
@@ -90,6 +93,7 @@ def run_stage(tiny_model, tiny_processor, batch, cfg, store=None, make_meta=KVMe
         build_view=make_view_builder(cfg, tiny_processor),
         store=store,
         temperature=1.0,
+        on_weights=on_weights,
     )
     metrics, timing = {}, {}
     meta = stage.run(meta, metrics, timing, step=step)  # the meta verl passes on to the actor update
@@ -183,12 +187,131 @@ def test_other_views_run_and_differ_from_remove(tiny_model, tiny_processor, batc
     assert m_view["tor/reasoning_frac"] == pytest.approx(m_remove["tor/reasoning_frac"])  # entropy side unchanged
 
 
+def store_as_verl_agent_loop(processor, prompt_ids, response, images, uid, session_id, index):
+    """One trajectory put into TransferQueue by verl 0.9.1's own ``AgentLoopWorkerTQ._agent_loop_postprocess`` (its
+    ``tq`` swapped for a recorder): the exact fields, types and layout a real run's rows have. The worker is a
+    stand-in holding the processor, with verl's own methods bound (no reward workers: the score is given)."""
+    import asyncio
+    import types
+
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput, AgentLoopWorker
+    from verl.trainer.ppo.v1 import agent_loop_tq
+
+    worker = types.SimpleNamespace(
+        processor=processor,
+        tokenizer=processor.tokenizer,
+        mm_processor_kwargs=None,
+        distillation_enabled=False,
+        reward_loop_worker_handles=None,
+    )
+    for name in (
+        "_compute_score",
+        "_compute_teacher_logprobs",
+        "_compute_multi_modal_inputs",
+        "_compute_position_ids",
+        "_get_mm_processor_kwargs",
+    ):
+        setattr(worker, name, types.MethodType(getattr(AgentLoopWorker, name), worker))
+    output = AgentLoopOutput(
+        prompt_ids=prompt_ids.tolist(),
+        response_ids=response.tolist(),
+        response_mask=[1] * len(response),
+        multi_modal_data={"images": images} if images else {},
+        reward_score=1.0,
+        metrics=AgentLoopMetrics(),
+    )
+    puts = []
+
+    class RecordingTQ:
+        async def async_kv_batch_put(self, keys, fields, tags, partition_id):
+            puts.append((keys, fields))
+
+    postprocess = agent_loop_tq.AgentLoopWorkerTQ.__ray_metadata__.modified_class._agent_loop_postprocess
+    real_tq, agent_loop_tq.tq = agent_loop_tq.tq, RecordingTQ()
+    try:
+        asyncio.run(postprocess(worker, output, False, uid=uid, session_id=session_id, global_steps=1, index=index))
+    finally:
+        agent_loop_tq.tq = real_tq
+    ((keys, fields),) = puts
+    (row,) = tensordict_to_rows(fields)
+    return keys[0], row
+
+
+@pytest.fixture(scope="module")
+def verl_batch(tiny_processor, geometry_images, batch):
+    """``batch``'s trajectories as verl's agent loop stores them (``store_as_verl_agent_loop``)."""
+    rows, keys, plan = [], [], []
+    for p, (question, image, response) in enumerate(batch[2]):
+        uid = f"p{QUESTIONS.index(question)}{'' if image is not None else 't'}"
+        session = sum(1 for k in keys if k.startswith(uid + "_"))
+        images = [image] if image is not None else None
+        prompt = chat_prompt(tiny_processor, question, image)
+        key, row = store_as_verl_agent_loop(tiny_processor, prompt, response, images, uid, session, index=p)
+        rows.append(row), keys.append(key), plan.append((question, image, response))
+    return rows, keys, plan
+
+
+def test_build_verl_row_holds_only_fields_of_verls_own_row(verl_batch, batch):
+    """The double the in-memory tests run on (``build_verl_row``) must not carry a field verl's rows lack: the stage
+    once read ``attention_mask``, which only the double had, and crashed in the real loop (issue 17.1)."""
+    (real, *_), _, _ = verl_batch
+    double = batch[0][0]
+    assert "attention_mask" not in real
+    assert set(double) - {"uid"} <= set(real), set(double) - set(real)
+    for name, value in double.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, real[name]), name
+    for name in double["multi_modal_inputs"]:
+        assert torch.equal(double["multi_modal_inputs"][name], real["multi_modal_inputs"][name]), name
+
+
+@pytest.mark.parametrize("view", ["remove", "blank", "noise"])
+def test_every_view_runs_on_rows_as_verls_agent_loop_stores_them(tiny_model, tiny_processor, verl_batch, view):
+    """Each image view on rows with exactly the fields verl's agent loop puts in TransferQueue (before the fix,
+    ``blank``/``noise`` raised ``KeyError: 'attention_mask'`` here and in ``main_ppo``)."""
+    cfg = ToRConfig(enable=True, apply="loss", image_view=view)
+    store, scorer, metrics, _ = run_stage(tiny_model, tiny_processor, verl_batch, cfg)
+    assert metrics["tor/noimg_scored_frac"] == pytest.approx(4 / 5) and metrics["tor/view_fallback_frac"] == 0
+    assert metrics["tor/sensitivity_mean/selected"] > metrics["tor/sensitivity_mean/rest"] > 0
+    (view_call,) = [c for c in scorer.calls if c["partition_id"] == "tor_noimg"]
+    assert ("multi_modal_inputs" in view_call["fields"]) is (view != "remove")
+    assert {"input_ids", "position_ids", "prompts", "responses", "response_mask", "loss_mask"} <= view_call["fields"]
+
+
 def test_entropy_diff_asks_the_scorer_for_entropy(tiny_model, tiny_processor, batch):
     cfg = ToRConfig(enable=True, sensitivity="entropy_diff", apply="loss")
     _, scorer, metrics, _ = run_stage(tiny_model, tiny_processor, batch, cfg)
     views = [c for c in scorer.calls if c["partition_id"] == "tor_noimg"]
     assert views[0]["calculate_entropy"] is True
     assert metrics["tor/sensitivity_mean/selected"] > metrics["tor/sensitivity_mean/rest"]
+
+
+@pytest.mark.parametrize("entropy", ["top_p", "full"])
+def test_entropy_diff_compares_two_entropies_of_the_same_kind(tiny_model, tiny_processor, batch, entropy):
+    """``tor.sensitivity=entropy_diff``: S_t = |H_img − H_noimg| with both entropies top-p under ``tor.entropy=top_p``
+    (the old pass's is; the image-free pass must ask for it too) and both full otherwise (issue 21.4). Checked
+    against entropies of the with-image row and of the prompt rebuilt without the image, computed independently."""
+    from verl_tor.stage import TOP_P_FLAG
+
+    rows, _, plan = batch
+    cfg = ToRConfig(enable=True, sensitivity="entropy_diff", apply="loss", entropy=entropy, entropy_top_p=0.8)
+    captured = {}
+    _, scorer, _, _ = run_stage(
+        tiny_model, tiny_processor, batch, cfg, on_weights=lambda **kw: captured.update(kw["tensors"])
+    )
+    (view_call,) = [c for c in scorer.calls if c["partition_id"] == "tor_noimg"]
+    assert view_call.get(TOP_P_FLAG) == (0.8 if entropy == "top_p" else None)
+    top_p = 0.8 if entropy == "top_p" else None
+    want = torch.zeros_like(captured["sensitivity"])
+    for i, (row, (question, image, response)) in enumerate(zip(rows, plan)):
+        if image is None:
+            continue  # not scored: S_t = 0
+        n = len(response)
+        h_img = compute_sequence_log_probs(tiny_model, row, with_entropy=True, entropy_top_p=top_p)[1][-n - 1 : -1]
+        scratch = build_verl_row(tiny_processor, chat_prompt(tiny_processor, question), response, None)
+        h_free = compute_sequence_log_probs(tiny_model, scratch, with_entropy=True, entropy_top_p=top_p)[1][-n - 1 : -1]
+        want[i, :n] = (h_img - h_free).abs()
+    torch.testing.assert_close(captured["sensitivity"], want, rtol=1e-4, atol=1e-5)
 
 
 def test_reasoning_only_skips_the_image_free_pass(tiny_model, tiny_processor, batch):
@@ -268,16 +391,41 @@ def test_noise_is_seeded_from_the_step_so_a_resumed_run_draws_the_same(tiny_proc
     read = lambda b, i: {k: rows[i][k] for k in b.fields}  # noqa: E731
     running = make_view_builder(cfg, tiny_processor)
     for step in (1, 2, 3):
-        seen = [running(read(running, i), step=step, position=i)["multi_modal_inputs"]["pixel_values"] for i in (0, 1)]
+        seen = [running(read(running, i), step=step, identity=i)["multi_modal_inputs"]["pixel_values"] for i in (0, 1)]
     resumed = make_view_builder(cfg, tiny_processor)  # a new process resuming at step 3
-    again = [resumed(read(resumed, i), step=3, position=i)["multi_modal_inputs"]["pixel_values"] for i in (0, 1)]
+    again = [resumed(read(resumed, i), step=3, identity=i)["multi_modal_inputs"]["pixel_values"] for i in (0, 1)]
     for a, b in zip(seen, again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    other_step = resumed(read(resumed, 0), step=4, position=0)["multi_modal_inputs"]["pixel_values"]
+    other_step = resumed(read(resumed, 0), step=4, identity=0)["multi_modal_inputs"]["pixel_values"]
     assert not torch.equal(other_step, seen[0])
     assert not torch.equal(
         seen[0] - rows[0]["multi_modal_inputs"]["pixel_values"], seen[1] - rows[1]["multi_modal_inputs"]["pixel_values"]
     )
+
+
+def test_noise_follows_the_row_not_its_place_in_the_batch(tiny_model, tiny_processor, batch):
+    """Rows reach TransferQueue in the order their generations finish: the same trajectory must get the same noise
+    (hence the same image-free log-probs) in any batch order (issue 21.5; seeding by position fails this)."""
+    rows, keys, _ = batch
+    cfg = ToRConfig(enable=True, image_view="noise", apply="loss")
+    store = InMemoryKV()
+    store.kv_batch_put(keys, "train", fields=rows_to_tensordict(rows))
+    scorer = LocalLogProbScorer.for_model(store, tiny_model)
+    stage = ToRStage(cfg, scorer, KVMeta, make_view_builder(cfg, tiny_processor), store)
+    width = max(len(r["responses"]) for r in rows)
+    by_key = {}
+    for order in ([0, 1, 2, 3, 4], [3, 0, 4, 2, 1], [1, 3, 2, 0, 4]):
+        meta = KVMeta(keys=[keys[i] for i in order], partition_id="train")
+        free = stage.score_image_free(meta, width, step=5)
+        assert free.scored.tolist() == [i < 4 for i in order]  # the 4 rows with an image
+        for row, i in enumerate(order):
+            by_key.setdefault(keys[i], []).append(free.log_prob[row])
+    for key, seen in by_key.items():
+        for other in seen[1:]:
+            torch.testing.assert_close(other, seen[0], rtol=0, atol=0, msg=key)
+    # the noise reaches the log-probs: another step's draw gives other values
+    other_step = stage.score_image_free(KVMeta(keys=list(keys), partition_id="train"), width, step=6)
+    assert not torch.equal(other_step.log_prob[0], by_key[keys[0]][0])
 
 
 @pytest.mark.parametrize("apply", ["advantage", "loss"])

@@ -37,6 +37,7 @@ VERL_FACING = [
     "local/__init__",
     "local/platform",
     "local/rollout",
+    "local/sampling",
 ]
 """The verl_tor modules whose ``from verl... import name`` must each be covered by a contract entry."""
 

@@ -78,10 +78,17 @@ def test_blank_is_the_processor_output_on_black_images(tiny_processor, rows, ids
     assert torch.equal(view["position_ids"], rows["two"]["position_ids"])
     assert mm["pixel_values"].shape == old["pixel_values"].shape
     assert torch.equal(mm["image_grid_thw"], old["image_grid_thw"])
-    t, h, w = old["image_grid_thw"][0].tolist()
-    black = tiny_processor.image_processor(images=[Image.new("RGB", (w * 14, h * 14))], return_tensors="pt")
-    torch.testing.assert_close(mm["pixel_values"][: t * h * w], black["pixel_values"])
-    assert not torch.equal(mm["pixel_values"], old["pixel_values"])
+    # every image's patches (pixel_values holds the images one after the other, t*h*w patches each) are those of a
+    # black image of its size, and differ from the image's own
+    assert len(old["image_grid_thw"]) == 2
+    start = 0
+    for t, h, w in old["image_grid_thw"].tolist():
+        end = start + t * h * w
+        black = tiny_processor.image_processor(images=[Image.new("RGB", (w * 14, h * 14))], return_tensors="pt")
+        torch.testing.assert_close(mm["pixel_values"][start:end], black["pixel_values"])
+        assert not torch.equal(mm["pixel_values"][start:end], old["pixel_values"][start:end])
+        start = end
+    assert start == len(mm["pixel_values"])
 
 
 def test_noise_keeps_tokens_and_is_seeded(tiny_processor, rows, ids):

@@ -112,12 +112,15 @@ class ToRConfig:
 
     sensitivity: str = "abs_log_ratio"
     """Visual-sensitivity score S_t of a token: ``abs_log_ratio`` (paper: |log π(o_t|I,q,o_<t) − log π(o_t|∅,q,o_<t)|),
-    ``prob_diff`` (|Δp|), ``entropy_diff`` (|ΔH|, needs the image-free entropy) or ``k3`` (k3 KL estimator,
-    clamped as PAPO/VPPO do). The paper's ablation finds |Δ log p| best."""
+    ``prob_diff`` (|Δp|), ``entropy_diff`` (|ΔH|, needs the image-free entropy; both entropies of the kind
+    ``entropy`` picks, top-p or full) or ``k3`` (k3 KL estimator, clamped as PAPO/VPPO do). The paper's ablation
+    finds |Δ log p| best."""
 
     image_view: str = "remove"
     """How the image-free view ∅ is built: ``remove`` (paper: delete the vision tokens from the prompt and drop
-    the pixels), ``blank`` (same-size black image, same tokens) or ``noise`` (Gaussian noise on the pixels)."""
+    the pixels), ``blank`` (same-size black image, same tokens) or ``noise`` (Gaussian noise on the pixels, drawn
+    per trajectory from ``seed``, the step and the trajectory's prompt and response, whatever its place in the
+    batch)."""
 
     noise_std: float = 1.0
     """Standard deviation of the Gaussian noise for ``image_view=noise``, in units of the processor's normalised

@@ -37,13 +37,22 @@ VIEW_PARTITION = "tor_noimg"
 
 VIEW_KEY_SUFFIX = "@tor_noimg"
 
+TOP_P_FLAG = "tor_entropy_top_p"
+"""Non-tensor ``extra_info`` flag of a log-prob call: the engine hook (``verl_tor.integration.engine``) then returns the
+entropy of the top-p truncated distribution (``tor.entropy=top_p``) instead of the full one. The ToR trainer sets it
+for the old-policy pass only (the update pass keeps verl's full entropy); the stage sets it on its image-free pass
+when that pass's entropy is compared with the old pass's (``tor.sensitivity=entropy_diff``), so S_t = |H_img −
+H_noimg| compares two entropies of the same kind."""
+
 # What verl's compute_log_prob reads of a trajectory: the engine forward (input_ids, position_ids, multimodal
 # inputs), the response slicing (prompts, responses, response_mask) and FSDPEngine.forward_backward_batch, which
 # sums loss_mask for its token count even when forward-only. Everything else of the row (rewards, advantages,
-# old log-probs...) is not needed to score the image-free view.
-VIEW_FIELDS = ("prompts", "responses", "response_mask", "loss_mask", "input_ids", "attention_mask", "position_ids")
+# old log-probs...) is not needed to score the image-free view. No attention_mask: verl 0.9.1's agent loop
+# (AgentLoopWorkerTQ._agent_loop_postprocess) stores none in TransferQueue (rows are unpadded, every token valid),
+# and TransferQueue silently leaves out a field the rows lack, so asking for it returns nothing.
+VIEW_FIELDS = ("prompts", "responses", "response_mask", "loss_mask", "input_ids", "position_ids")
 MULTI_MODAL_FIELD = "multi_modal_inputs"
-REBUILT_FIELDS = ("input_ids", "attention_mask", "position_ids")
+REBUILT_FIELDS = ("input_ids", "position_ids")
 """What ``image_view=remove`` rebuilds from ``prompts`` + ``responses`` (verl's own position-id code), so it never reads
 them from TransferQueue."""
 
@@ -88,9 +97,10 @@ class Views(Protocol):
         """Whether the row's prompt holds an image (cheap: no view is built)."""
         ...
 
-    def __call__(self, row: dict, step: int = 0, position: int = 0) -> dict | None:
-        """The image-free version of one trajectory (``None`` when it has no image); ``step`` and ``position`` (the
-        row's place in the batch) seed its randomness. Raises ``verl_tor.views.ViewError`` when it cannot be built."""
+    def __call__(self, row: dict, step: int = 0, identity: int = 0) -> dict | None:
+        """The image-free version of one trajectory (``None`` when it has no image); ``step`` and ``identity`` (the
+        row's ``compute_row_identities`` key, not its place in the batch, which follows the order generations
+        finish) seed its randomness. Raises ``verl_tor.views.ViewError`` when it cannot be built."""
         ...
 
     def placeholder(self, row: dict) -> dict:
@@ -170,11 +180,18 @@ class ToRStage:
         ranked = response_mask & (advantages != 0) if cfg.rank_tokens == "informative" else response_mask
         real = response_mask.any(dim=1)  # verl's dp-padding rows have no valid token: left out of the row fractions
 
+        # Who each row is (not where it sits: rows reach TransferQueue in the order their generations finish): keys
+        # the tie-breaks and the noise of image_view=noise.
+        identity = self.store.kv_batch_get(keys=keys, partition_id=partition, select_fields=list(IDENTITY_FIELDS))
+        row_keys = compute_row_identities(identity, len(keys))
+
         sensitivity, sensitivity_mask = None, None
         scored = torch.zeros(len(keys), dtype=torch.bool)
         if cfg.needs_image_free_pass:
             t0 = time.perf_counter()
-            free = self.score_image_free(batch, response_mask.shape[1], step=step, wanted=ranked.any(dim=1))
+            free = self.score_image_free(
+                batch, response_mask.shape[1], step=step, wanted=ranked.any(dim=1), row_keys=row_keys
+            )
             scored = free.scored
             sensitivity = compute_visual_sensitivity(
                 old_log_prob,
@@ -191,7 +208,6 @@ class ToRStage:
             _add_timing(timing_raw, "tor_noimg", time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        identity = self.store.kv_batch_get(keys=keys, partition_id=partition, select_fields=list(IDENTITY_FIELDS))
         selection = select_tor_tokens(
             entropy,
             sensitivity,
@@ -200,7 +216,7 @@ class ToRStage:
             index=index,
             step=step,
             sensitivity_mask=sensitivity_mask,
-            row_keys=compute_row_identities(identity, len(keys)),
+            row_keys=row_keys,
         )
         weights, tor_metrics = selection.weights * ranked, dict(selection.metrics)  # (B, T)
 
@@ -247,7 +263,12 @@ class ToRStage:
 
     # ------------------------------------------------------------------ the extra forward pass
     def score_image_free(
-        self, batch: Any, width: int, step: int = 0, wanted: torch.Tensor | None = None
+        self,
+        batch: Any,
+        width: int,
+        step: int = 0,
+        wanted: torch.Tensor | None = None,
+        row_keys: torch.Tensor | None = None,
     ) -> ImageFreeScores:
         """Log-probs of the same responses with the image removed: ``log π(o_t | ∅, q, o_<t)``.
 
@@ -263,6 +284,8 @@ class ToRStage:
             step: the training step (seeds ``image_view=noise``, like the tie-breaks).
             wanted: ``(B,)`` bool, the rows worth scoring (``rank_tokens=informative``: rows with a non-zero
                 advantage).
+            row_keys: ``(B,)`` int64 ``compute_row_identities`` of the rows (default: computed here); seeds each row's
+                ``image_view=noise`` draw, so a row gets the same noise wherever it sits in the batch.
         """
         keys, partition = list(batch.keys), batch.partition_id
         views = self.build_view
@@ -270,6 +293,9 @@ class ToRStage:
             raise RuntimeError(f"ToR: tor.mode={self.config.mode!r} needs image-free views, but the stage has none")
         rows = self.store.kv_batch_get(keys=keys, partition_id=partition, select_fields=list(views.fields))
         n = len(keys)
+        if row_keys is None:
+            identity = self.store.kv_batch_get(keys=keys, partition_id=partition, select_fields=list(IDENTITY_FIELDS))
+            row_keys = compute_row_identities(identity, n)
         wanted = torch.ones(n, dtype=torch.bool) if wanted is None else wanted.to(torch.bool).cpu()
         has_image, scored, fallback = (torch.zeros(n, dtype=torch.bool) for _ in range(3))
         view_rows, failures = [], []
@@ -278,7 +304,7 @@ class ToRStage:
             view = None
             if has_image[i] and wanted[i]:
                 try:
-                    view = views(row, step=step, position=i)
+                    view = views(row, step, int(row_keys[i]))  # positional: test doubles name it differently
                 except ViewError as exc:
                     failures.append((keys[i], exc))
                     fallback[i] = True
@@ -306,6 +332,17 @@ class ToRStage:
         view_keys = [k + VIEW_KEY_SUFFIX for k in keys]
         want_entropy = noimg_entropy is not None
         view_td = rows_to_tensordict(view_rows)
+        extra_info = {
+            **dict(batch.extra_info or {}),
+            "calculate_entropy": want_entropy,
+            "compute_loss": False,
+            "temperature": self.temperature,
+            **self.extra_meta,
+        }
+        # H_noimg the same kind as the old pass's H_img (stored in `entropy`): top-p under tor.entropy=top_p, else full
+        extra_info.pop(TOP_P_FLAG, None)
+        if want_entropy and self.config.entropy == "top_p":
+            extra_info[TOP_P_FLAG] = float(self.config.entropy_top_p)
         try:
             self.store.kv_batch_put(
                 keys=view_keys,
@@ -317,13 +354,7 @@ class ToRStage:
                 keys=view_keys,
                 partition_id=VIEW_PARTITION,
                 tags=[dict(tag) for tag in batch.tags],
-                extra_info={
-                    **dict(batch.extra_info or {}),
-                    "calculate_entropy": want_entropy,
-                    "compute_loss": False,
-                    "temperature": self.temperature,
-                    **self.extra_meta,
-                },
+                extra_info=extra_info,
             )
             output = self.score(meta)
             if output is not None and hasattr(output, "__len__") and len(output) != len(view_keys):
@@ -452,11 +483,13 @@ class ViewBuilder:
     """The ``Views`` of ``config.image_view``, bound to the run's processor.
 
     ``fields`` is what the stage reads from TransferQueue for it. ``remove`` (the paper's view) finds the image by
-    its tokens, drops the pixels and rebuilds ``input_ids`` / ``attention_mask`` / ``position_ids`` from ``prompts``
+    its tokens, drops the pixels and rebuilds ``input_ids`` / ``position_ids`` from ``prompts``
     + ``responses``, so it reads neither the pixels (a batch of 6144 rollouts of 1024-patch images carries ~28 GB of
-    float32 ``pixel_values``) nor the fields it rebuilds; ``blank`` and ``noise`` need the pixels. ``noise`` draws
-    each row's noise from a generator seeded by (``tor.seed``, step, the row's position in the batch), so a resumed
-    run draws the same noise. ``placeholder(row)`` stands in for a row that is not scored.
+    float32 ``pixel_values``) nor the fields it rebuilds; ``blank`` and ``noise`` need the pixels and read the row's own
+    ``input_ids`` / ``position_ids``. ``noise`` draws each row's noise from a generator seeded by (``tor.seed``, step,
+    the row's identity ``compute_row_identities``), not its position in the batch: rows reach TransferQueue in the
+    order their generations finish, so a re-run or resumed step draws the same noise for the same trajectory.
+    ``placeholder(row)`` stands in for a row that is not scored.
     """
 
     def __init__(self, config: ToRConfig, processor: Any):
@@ -476,12 +509,12 @@ class ViewBuilder:
 
         return has_image(row, self.token_ids)
 
-    def __call__(self, row: dict, step: int = 0, position: int = 0) -> dict | None:
+    def __call__(self, row: dict, step: int = 0, identity: int = 0) -> dict | None:
         from verl_tor.ops import make_generator
         from verl_tor.views import build_image_free_view
 
         cfg = self.config
-        generator = make_generator(cfg.seed, step, f"noise/{position}") if cfg.image_view == "noise" else None
+        generator = make_generator(cfg.seed, step, f"noise/{int(identity)}") if cfg.image_view == "noise" else None
         view = build_image_free_view(row, cfg.image_view, self.token_ids, self.processor, cfg.noise_std, generator)
         if view is None:
             return None
@@ -503,7 +536,6 @@ class ViewBuilder:
                 "response_mask": torch.zeros(1, dtype=row["response_mask"].dtype),
                 "loss_mask": torch.zeros(1, dtype=row["response_mask"].dtype),
                 "input_ids": input_ids,
-                "attention_mask": torch.ones_like(input_ids),
                 "position_ids": compute_text_position_ids(self.processor, input_ids),
                 MULTI_MODAL_FIELD: {},
             }

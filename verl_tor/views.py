@@ -1,9 +1,10 @@
 """Image-free views of one trajectory: the ∅ in the paper's S_t = |log π(o_t | I, q, o_<t) − log π(o_t | ∅, q, o_<t)|.
 
-A trajectory is one TransferQueue row of verl 0.9.1's V1 trainer (see ``verl_tor.tools.in_process.build_verl_row``):
-``prompts`` (Lp,), ``responses`` (Lr,), ``input_ids`` = prompts + responses (L,), ``attention_mask`` (L,),
-``position_ids`` (4, L) = [text; t; h; w] and ``multi_modal_inputs`` (``pixel_values`` (patches, patch_dim),
-``image_grid_thw`` (images, 3), ...). Views never touch the response, so response log-probs of a view align with
+A trajectory is one TransferQueue row of verl 0.9.1's V1 trainer, as ``AgentLoopWorkerTQ._agent_loop_postprocess``
+stores it (see ``verl_tor.tools.in_process.build_verl_row``): ``prompts`` (Lp,), ``responses`` (Lr,), ``input_ids`` =
+prompts + responses (L,), ``position_ids`` (4, L) = [text; t; h; w] and ``multi_modal_inputs`` (``pixel_values``
+(patches, patch_dim), ``image_grid_thw`` (images, 3), ...). There is no ``attention_mask``: rows are unpadded, every
+token is valid. Views never touch the response, so response log-probs of a view align with
 the with-image ones by response length.
 
 - ``remove`` (paper): delete the vision tokens from the prompt, drop the pixels, recompute the position ids with
@@ -159,10 +160,11 @@ def build_image_free_view(
         out.update(
             prompts=new_prompts,
             input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
             position_ids=compute_text_position_ids(processor, input_ids),
             multi_modal_inputs={},
         )
+        if "attention_mask" in row:  # not in verl's rows; a caller's own mask must not keep the longer length
+            out["attention_mask"] = torch.ones_like(input_ids)
         return out
     if has_video:
         raise ViewError(

@@ -107,6 +107,13 @@ VERL_CONTRACT: tuple[str, ...] = (
     "verl.experimental.agent_loop.single_turn_agent_loop:SingleTurnAgentLoop.run",
     "verl.checkpoint_engine.base:CheckpointEngineManager.update_weights",
     "verl.workers.config.model:HFModelConfig",
+    # verl_tor/local/sampling.py: DAPO keeps the first dispatched groups (verl's selection, its surplus discard, the
+    # kv_list order its metadata snapshot keeps)
+    "verl.trainer.ppo.v1.replay_buffer:ReplayBuffer._select_prompt_uids",
+    "verl.trainer.ppo.v1.replay_buffer:ReplayBuffer._sync_metadata_from_transfer_queue",
+    "verl.trainer.ppo.v1.replay_buffer:ReplayBuffer.sample",
+    # verl_tor/stage.py, views.py: the fields of a trajectory's row (no attention_mask), as verl's agent loop puts it
+    "verl.trainer.ppo.v1.agent_loop_tq:AgentLoopWorkerTQ._agent_loop_postprocess",
 )
 """``module:qualname`` of every verl function or class verl_tor patches, subclasses, calls or copies behaviour from.
 Keep one per line, grouped by the verl_tor module that needs it."""

@@ -17,7 +17,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-TOP_P_FLAG = "tor_entropy_top_p"
+from verl_tor.stage import TOP_P_FLAG  # the flag is defined with the stage, which sets it on its own pass too
+
+__all__ = ["TOP_P_FLAG", "install_top_p_entropy_hook", "uninstall_top_p_entropy_hook"]
 
 
 class _TorchFunctionalWithTopPEntropy:

@@ -239,11 +239,15 @@ class ToRTrainerMixin:
             return super()._compute_old_log_prob(batch, metrics)
         # Ask the engine hook (verl_tor.integration.plugin) for the paper's top-p entropy in this pass only; the update
         # pass must keep verl's differentiable full entropy for its entropy bonus.
-        batch.extra_info["tor_entropy_top_p"] = self.tor_config.entropy_top_p
+        # (The stage sets the same flag on its image-free pass under tor.sensitivity=entropy_diff, so both entropies
+        # S_t compares are top-p ones.)
+        from verl_tor.stage import TOP_P_FLAG
+
+        batch.extra_info[TOP_P_FLAG] = self.tor_config.entropy_top_p
         try:
             return super()._compute_old_log_prob(batch, metrics)
         finally:
-            batch.extra_info.pop("tor_entropy_top_p", None)
+            batch.extra_info.pop(TOP_P_FLAG, None)
 
     def _compute_advantage(self, batch, metrics):
         batch = super()._compute_advantage(batch, metrics)

@@ -65,6 +65,8 @@ def install(when_imported: Callable[[str, Callable[[], None]], None]) -> list[st
         selected.append("cpu platform")
     if hf_rollout_selected():
         when_imported("verl.workers.rollout.replica", register_hf_rollout)
+        # repeatable DAPO batches: surplus groups discarded in dispatch order, not in a random set order
+        when_imported("verl.trainer.ppo.v1.replay_buffer", order_selection_by_dispatch)
         selected.append("hf rollout")
     return selected
 
@@ -92,6 +94,12 @@ def register_hf_rollout() -> None:
     from verl_tor.local.rollout import register_hf_rollout as register
 
     register()
+
+
+def order_selection_by_dispatch() -> None:
+    from verl_tor.local.sampling import order_selection_by_dispatch as order
+
+    order()
 
 
 def validate_local_config(config: Any) -> None:

@@ -217,8 +217,9 @@ def build_verl_row(processor: Any, prompt_ids: torch.Tensor, response_ids: torch
         response_ids: (Lr,) sampled response token ids.
         images: the PIL images of the prompt (None for a text-only prompt).
     Returns:
-        dict with ``prompts``, ``responses``, ``input_ids``, ``attention_mask``, ``position_ids`` (4, L),
-        ``multi_modal_inputs``, ``response_mask``, ``loss_mask``.
+        dict with ``prompts``, ``responses``, ``input_ids``, ``position_ids`` (4, L), ``multi_modal_inputs``,
+        ``response_mask``, ``loss_mask``: the token and model-input fields of verl's row, and no field verl's row
+        lacks (no ``attention_mask``: verl stores none; ``tests/test_stage_on_cpu.py`` compares with verl's own put).
     """
     import types
 
@@ -238,7 +239,6 @@ def build_verl_row(processor: Any, prompt_ids: torch.Tensor, response_ids: torch
         "prompts": prompts,
         "responses": responses,
         "input_ids": input_ids,
-        "attention_mask": attention_mask,
         "position_ids": position_ids,
         "multi_modal_inputs": multi_modal_inputs,
         "response_mask": torch.ones_like(responses),
