@@ -4,7 +4,6 @@ were measured), kept verbatim as the "before" of ``bench_entropy.py`` and ``benc
 Not used by verl_tor itself; do not edit (it is the reference the new implementation is measured against).
 """
 
-
 from __future__ import annotations
 
 import torch
