@@ -1,6 +1,7 @@
-"""Today's top-p entropy (``verl_tor/ops/entropy.py`` at commit 3f33d2f, same as 56149d3 where the GPU numbers of issue 19
-were measured), kept verbatim as the "before" of ``bench_entropy.py`` and ``bench_gpu.py``: escalating ``topk`` (256,
-4096, 32768, full sort) over chunks of 256 rows, with a host decision (``nonzero``/``any``) per chunk and per level.
+"""Today's top-p entropy (``verl_tor/ops/entropy.py`` at commit 3f33d2f, the same code as at 56149d3, where issue 19's
+GPU numbers were measured), kept verbatim as the "before" of ``bench_entropy.py`` and ``bench_gpu.py``: escalating
+``topk`` (256, 4096, 32768, full sort) over chunks of 256 rows, a host decision (``nonzero``/``any``) per chunk and
+per level.
 Not used by verl_tor itself; do not edit (it is the reference the new implementation is measured against).
 """
 
