@@ -1,10 +1,14 @@
-"""Top-p entropy (chunked, no grad) vs full entropy vs a naive top-p, on logits of Qwen's real vocabulary.
+"""Top-p entropy before and after vs the full entropy vs a naive top-p, on logits of Qwen's real vocabulary (CPU).
 
-Each method runs in its own child process so its peak memory (ru_maxrss above the process's state right after the
-logits exist) is its own; times are medians of a few repeats. Ratios are against the full-vocab entropy, measured
-in the same run. Target (benchmarks/README.md): the chunked top-p adds no peak memory above the logits themselves.
+"before" is today's implementation up to commit 3f33d2f, kept verbatim in ``_entropy_reference.py``; "after" is
+``verl_tor.ops`` with its CPU default (the ``escalate`` method, chunk 256) and, for comparison, the ``bracket``
+method the GPU default uses. Each method runs in its own child process so its peak memory (ru_maxrss above the
+process's state right after the logits exist) is its own; times are medians of a few repeats. Ratios are against the
+full-vocab entropy, measured in the same run. Rows: ``zipf`` (Zipf-shaped scores with a random exponent in
+[0.8, 2.4] over a random vocabulary order: nuclei from tens of tokens to most of the vocabulary, float32) or issue
+19's bf16 mixtures ``llm`` / ``wide`` (``bench_gpu.make_logits``).
 
-    python benchmarks/bench_entropy.py [--tokens 4096] [--vocab 151936] [--repeats 3]
+    python benchmarks/bench_entropy.py [--tokens 4096] [--vocab 151936] [--repeats 3] [--rows zipf|llm|wide]
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("full", "top_p_chunked", "top_p_naive")
+METHODS = ("full", "top_p_before", "top_p_after", "top_p_after_bracket", "top_p_naive")
 
 
 def naive_top_p_entropy(logits, top_p):
@@ -33,11 +37,13 @@ def naive_top_p_entropy(logits, top_p):
     return -(q * torch.log(q.clamp_min(1e-30))).sum(-1)
 
 
-def child(method: str, tokens: int, vocab: int, repeats: int, top_p: float) -> dict:
+def make_rows(kind: str, tokens: int, vocab: int):
     import torch
 
-    from verl_tor.ops import compute_entropy_from_logits, compute_top_p_entropy_from_logits
+    if kind != "zipf":
+        from bench_gpu import make_logits
 
+        return make_logits(kind, tokens, vocab, "cpu")
     gen = torch.Generator().manual_seed(0)
     # filled in place, so the process peak before timing is the logits alone (2.3 GiB at 4096 x 151936 float32).
     # Peaked rows like an LLM's: a Zipf-shaped score (random exponent) over a random vocabulary order; the nucleus at
@@ -47,11 +53,23 @@ def child(method: str, tokens: int, vocab: int, repeats: int, top_p: float) -> d
     for i in range(tokens):
         scale = 0.8 + 1.6 * torch.rand((), generator=gen)
         logits[i] = (-scale * torch.log(ranks))[torch.randperm(vocab, generator=gen)]
+    return logits
+
+
+def child(method: str, tokens: int, vocab: int, repeats: int, top_p: float, kind: str) -> dict:
+    import torch
+    from _entropy_reference import compute_top_p_entropy_from_logits as top_p_before
+
+    from verl_tor.ops import compute_entropy_from_logits, compute_top_p_entropy_from_logits
+
+    logits = make_rows(kind, tokens, vocab)
 
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn = {
         "full": lambda: compute_entropy_from_logits(logits),
-        "top_p_chunked": lambda: compute_top_p_entropy_from_logits(logits, top_p),
+        "top_p_before": lambda: top_p_before(logits, top_p),
+        "top_p_after": lambda: compute_top_p_entropy_from_logits(logits, top_p),
+        "top_p_after_bracket": lambda: compute_top_p_entropy_from_logits(logits, top_p, method="bracket"),
         "top_p_naive": lambda: naive_top_p_entropy(logits, top_p),
     }[method]
     times = []
@@ -65,7 +83,7 @@ def child(method: str, tokens: int, vocab: int, repeats: int, top_p: float) -> d
         "method": method,
         "seconds": statistics.median(times),
         "extra_peak_gb": (peak_kb - base_kb) / 1024**2,
-        "logits_gb": logits.numel() * 4 / 1024**3,
+        "logits_gb": logits.numel() * logits.element_size() / 1024**3,
         "checksum": float(out.double().sum()),
     }
 
@@ -76,24 +94,27 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--rows", choices=("zipf", "llm", "wide"), default="zipf")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (full is always run)")
     parser.add_argument("--child", choices=METHODS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.tokens, args.vocab, args.repeats, args.top_p)))
+        print(json.dumps(child(args.child, args.tokens, args.vocab, args.repeats, args.top_p, args.rows)))
         return
 
     import torch
 
     rows = []
-    for method in METHODS:
+    for method in ["full", *(m for m in args.methods.split(",") if m in METHODS and m != "full")]:
         cmd = [sys.executable, __file__, "--child", method, "--tokens", str(args.tokens), "--vocab", str(args.vocab)]
-        cmd += ["--repeats", str(args.repeats), "--top-p", str(args.top_p)]
+        cmd += ["--repeats", str(args.repeats), "--top-p", str(args.top_p), "--rows", args.rows]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     full = rows[0]
-    print(f"# entropy over {args.tokens} tokens x vocab {args.vocab} (float32 logits {full['logits_gb']:.2f} GB)")
+    print(f"# entropy over {args.tokens} tokens x vocab {args.vocab}, rows {args.rows} ({full['logits_gb']:.2f} GB)")
     print(f"# cores={os.cpu_count()} torch={torch.__version__} threads={torch.get_num_threads()} top_p={args.top_p}")
-    print(f"# command: python benchmarks/bench_entropy.py --tokens {args.tokens} --vocab {args.vocab}")
+    print(f"# load average before: {os.getloadavg()[0]:.1f}")
+    print(f"# command: python benchmarks/bench_entropy.py {' '.join(sys.argv[1:])}")
     print("| method | seconds | x full | extra peak (GB) | extra peak / logits |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
@@ -101,9 +122,19 @@ def main() -> None:
             f"| {r['method']} | {r['seconds']:.2f} | {r['seconds'] / full['seconds']:.2f} | "
             f"{r['extra_peak_gb']:.2f} | {r['extra_peak_gb'] / r['logits_gb']:.2f} |"
         )
-    chunked, naive = rows[1], rows[2]
-    agree = abs(chunked["checksum"] - naive["checksum"]) / max(abs(naive["checksum"]), 1e-9)
-    print(f"# chunked vs naive top-p entropy sum: relative difference {agree:.2e}")
+    by = {r["method"]: r for r in rows}
+    if "top_p_before" in by and "top_p_after" in by:
+        ratio = {m: by[m]["seconds"] / full["seconds"] for m in by if m.startswith("top_p")}
+        print(
+            "# top-p / full on CPU: before "
+            + f"{ratio['top_p_before']:.2f}, after {ratio['top_p_after']:.2f}"
+            + (f" (bracket method {ratio['top_p_after_bracket']:.2f})" if "top_p_after_bracket" in ratio else "")
+        )
+    reference = by.get("top_p_before")
+    for name, r in by.items():
+        if name.startswith("top_p") and reference and name != "top_p_before":
+            agree = abs(r["checksum"] - reference["checksum"]) / max(abs(reference["checksum"]), 1e-9)
+            print(f"# {name} vs top_p_before, entropy sum: relative difference {agree:.2e}")
 
 
 if __name__ == "__main__":

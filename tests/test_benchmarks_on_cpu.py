@@ -47,6 +47,7 @@ TOY = {
 ELSEWHERE = {
     # two main_ppo runs of its own would cost CI ~3 min: its summary runs on the loop tests' stock and ToR runs
     "bench_loop.py": "tests/test_main_ppo_stock_on_cpu.py::test_bench_loop_summarises_a_stock_and_a_tor_run",
+    "bench_gpu.py": "tests/test_benchmarks_on_cpu.py::test_bench_gpu_runs_every_section_at_tiny_size",
 }
 
 
@@ -70,3 +71,35 @@ def test_benchmark_runs_and_prints_a_table(script):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(table) >= 3, proc.stdout[-3000:]  # header, rule, at least one measured row
+
+
+def test_bench_gpu_runs_every_section_at_tiny_size(tmp_path):
+    """The GPU benchmark at its CPU sizes (automatic without a GPU): every section runs and reports, a failing section
+    is recorded without stopping the others, and both top-p methods keep the exactness checks on the device."""
+    import json
+
+    out = tmp_path / "bench_gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny", "--out", str(out),
+         "--sections", "exactness,entropy,no_such_section,models"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": ""},  # torch + transformers + this checkout only: no verl needed
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    sections = report["sections"]
+    assert "error" in sections["no_such_section"]  # recorded; the next section still ran
+    for method in ("escalate", "bracket"):
+        exact = sections["exactness"][method]
+        assert exact["one_token_rows_above_zero"] == 0 and exact["boundary_rows_not_exact"] == 0, exact
+        assert abs(exact["issue_row_H"] - 0.66156) < 1e-4, exact
+    paths = sections["entropy"]["rows"]
+    assert len(paths) == 24 and all("ms" in r for r in paths), [r for r in paths if "ms" not in r]
+    assert all(r["max_abs_diff_vs_before"] < 1e-5 for r in paths if r["path"].startswith("top-p after"))
+    for family in ("qwen2_5_vl", "qwen3_vl"):
+        model = sections["models"]["models"][family]
+        assert "error" not in model, model.get("traceback", model)
+        for head in ("random head", "head x8"):
+            assert all("ms" in r for r in model[head].values()), model[head]
+        assert "ms" in model["forward + backward (checkpointing)"], model
+    assert sum(line.startswith("| ") for line in proc.stdout.splitlines()) > 40

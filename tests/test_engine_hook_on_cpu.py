@@ -33,7 +33,7 @@ def engine():
     return obj
 
 
-def call(engine, logits, lengths, temperature=1.0, **flags):
+def call(engine, logits, lengths, temperature=1.0, responses=None, **flags):
     """verl's packed branch (use_remove_padding=true): (1, total, V) logits; verl divides them by ``temperature``
     before any entropy is computed."""
     from verl.utils import tensordict_utils as tu
@@ -41,7 +41,8 @@ def call(engine, logits, lengths, temperature=1.0, **flags):
     g = torch.Generator().manual_seed(0)  # the same token ids on every call
     ids = [torch.randint(0, logits.shape[-1], (n,), generator=g) for n in lengths]
     input_ids = torch.nested.as_nested_tensor(ids, layout=torch.jagged)
-    micro_batch = TensorDict({"input_ids": input_ids}, batch_size=len(lengths))
+    fields = {"input_ids": input_ids} if responses is None else {"input_ids": input_ids, "responses": responses}
+    micro_batch = TensorDict(fields, batch_size=len(lengths))
     tu.assign_non_tensor(micro_batch, use_remove_padding=True, calculate_entropy=True, **flags)
     total = sum(lengths)
     output_args = {
@@ -147,14 +148,15 @@ def test_top_p_one_equals_full(engine):
     torch.testing.assert_close(full, top1, rtol=1e-5, atol=1e-5)
 
 
-def call_non_packed(engine, logits, lengths, **flags):
+def call_non_packed(engine, logits, lengths, responses=None, **flags):
     """verl's non-packed branch (use_remove_padding=false): padded (B, T, V) logits, as forward_step passes them."""
     from verl.utils import tensordict_utils as tu
 
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, logits.shape[-1], (n,), generator=g) for n in lengths]
     input_ids = torch.nested.as_nested_tensor(ids, layout=torch.jagged)
-    micro_batch = TensorDict({"input_ids": input_ids}, batch_size=len(lengths))
+    fields = {"input_ids": input_ids} if responses is None else {"input_ids": input_ids, "responses": responses}
+    micro_batch = TensorDict(fields, batch_size=len(lengths))
     tu.assign_non_tensor(micro_batch, use_remove_padding=False, calculate_entropy=True, **flags)
     output_args = {
         "input_ids_rmpad_rolled": torch.roll(input_ids.values(), -1),
@@ -200,6 +202,76 @@ def test_hook_restores_verl_after_an_error_and_refuses_fused_kernels(engine):
     with pytest.raises(ValueError, match=r"use_fused_kernels=true.*Fix: set actor_rollout_ref.model.use_fused"):
         call_non_packed(engine, logits, [4], tor_entropy_top_p=0.9, use_fused_kernels=True)
     assert impl.verl_F is torch_functional
+
+
+# ---------------------------------------------------------------------------------------------- response rows only
+def with_responses(lengths, response_lengths, vocab):
+    """The fields verl's old-log-prob micro-batch carries for the response-only path: nested responses."""
+    g = torch.Generator().manual_seed(1)
+    return torch.nested.as_nested_tensor(
+        [torch.randint(0, vocab, (r,), generator=g) for r in response_lengths], layout=torch.jagged
+    )
+
+
+def response_positions(lengths, response_lengths, stride=None):
+    """verl's no_padding_2_padding: sequence b's logits at L_b - R_b - 1 .. L_b - 2 predict its response."""
+    rows, start = [], 0
+    for b, (n, r) in enumerate(zip(lengths, response_lengths)):
+        base = b * stride if stride else start
+        rows += list(range(base + n - r - 1, base + n - 1))
+        start += n
+    return torch.tensor(rows)
+
+
+def test_response_only_top_p_entropy_packed_and_padded_shapes():
+    from verl_tor.integration.engine import compute_response_top_p_entropy
+    from verl_tor.ops import compute_top_p_entropy_from_logits
+
+    lengths, response_lengths = [7, 4, 9], [3, 1, 5]
+    g = torch.Generator().manual_seed(3)
+    packed = torch.randn(sum(lengths) + 2, 60, generator=g) * 3  # + 2 rows of packing pad
+    full = compute_top_p_entropy_from_logits(packed, 0.9)
+    got = compute_response_top_p_entropy(packed, 0.9, torch.tensor(lengths), torch.tensor(response_lengths))
+    rows = response_positions(lengths, response_lengths)
+    assert got.shape == full.shape and torch.equal(got[rows], full[rows])  # identical, bit for bit
+    rest = torch.ones(len(full), dtype=torch.bool)
+    rest[rows] = False
+    assert (got[rest] == 0).all() and int(rest.sum()) == len(full) - sum(response_lengths)
+    padded = torch.randn(3, 9, 60, generator=g) * 3  # (B, T, V), sequence b in [b, :L_b]
+    full = compute_top_p_entropy_from_logits(padded, 0.9).reshape(-1)
+    got = compute_response_top_p_entropy(padded, 0.9, torch.tensor(lengths), torch.tensor(response_lengths))
+    rows = response_positions(lengths, response_lengths, stride=9)
+    assert got.shape == (3, 9) and torch.equal(got.reshape(-1)[rows], full[rows])
+    assert int((got.reshape(-1) != 0).sum()) <= sum(response_lengths)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_hook_computes_top_p_only_at_response_positions(engine, monkeypatch, packed):
+    """Through verl's prepare_model_outputs on both branches: with ``responses`` in the micro-batch the hook computes
+    the top-p entropy for the response-predicting rows only, with the same values there as without them."""
+    import verl_tor.integration.engine as hook_module
+
+    lengths, response_lengths = [6, 4], [2, 3]
+    torch.manual_seed(4)
+    logits = torch.randn(1, 10, 50) * 4 if packed else torch.randn(2, 6, 50) * 4
+    caller = call if packed else call_non_packed
+    seen = []
+    real = hook_module.compute_top_p_entropy_from_logits
+
+    def counting(rows, *args, **kwargs):
+        seen.append(rows.numel() // rows.shape[-1])
+        return real(rows, *args, **kwargs)
+
+    monkeypatch.setattr(hook_module, "compute_top_p_entropy_from_logits", counting)
+    every, lp_every = caller(engine, logits, lengths, tor_entropy_top_p=0.8)
+    assert seen == [10 if packed else 12]  # no responses in the micro-batch: every position (and pad), as before
+    seen.clear()
+    responses = with_responses(lengths, response_lengths, 50)
+    only, lp_only = caller(engine, logits, lengths, tor_entropy_top_p=0.8, responses=responses)
+    assert seen == [sum(response_lengths)]  # 5 of 10 rows
+    rows = response_positions(lengths, response_lengths)  # in verl's packed order on both branches
+    assert torch.equal(only[rows], every[rows]) and (every[rows] > 0).any()
+    torch.testing.assert_close(lp_only, lp_every)
 
 
 FORWARD_STEP = textwrap.dedent(

@@ -233,3 +233,108 @@ def test_empty_batch_and_invalid_arguments():
             compute_top_p_entropy_from_logits(torch.zeros(1, 5), top_p)
     with pytest.raises(ValueError, match="chunk_size"):
         compute_top_p_entropy_from_logits(torch.zeros(1, 5), 0.9, chunk_size=0)
+
+
+# ---------------------------------------------------------------------------------------------- the bracket method
+# The default on accelerators (``method=None`` picks it off CPU); every check above, run through it on CPU, with the
+# sample and the candidate count scaled to test vocabularies (real: 4096 samples, 30 candidates, V = 151,936).
+@pytest.fixture
+def small_bracket(monkeypatch):
+    monkeypatch.setattr(entropy_module, "_BRACKET_SAMPLE", 16)
+    monkeypatch.setattr(entropy_module, "_BRACKET_CANDIDATES", 3)
+    monkeypatch.setattr(entropy_module, "_SORT_ROWS", 3)
+
+
+@pytest.mark.parametrize("levels", [(256, 4096, 32768), (2,), ()])  # top-k first, tiny top-k, every row bracketed
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.999])
+def test_bracket_matches_reference(monkeypatch, small_bracket, levels, top_p):
+    monkeypatch.setattr(entropy_module, "_TOP_P_CANDIDATES", levels)
+    logits = random_logits(40, 300, seed=6)
+    # the same kept sets as the escalation (today's method; at p = 0.999 one row lies within TOP_P_TOLERANCE of the
+    # cut, where both drop the cut token, as documented, and differ from the float64 definition by 3e-4)
+    want = compute_top_p_entropy_from_logits(logits, top_p, method="escalate")
+    reference = [reference_top_p_entropy(row, top_p) for row in logits.double().tolist()]
+    torch.testing.assert_close(want.double(), torch.tensor(reference, dtype=torch.float64), rtol=1e-3, atol=1e-3)
+    for chunk_size in (1, 7, 64):
+        got = compute_top_p_entropy_from_logits(logits, top_p, chunk_size=chunk_size, method="bracket")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["every row sorted", "brackets that miss"])
+def test_bracket_fallback_to_the_full_sort_is_exact(monkeypatch, small_bracket, case):
+    if case == "every row sorted":
+        monkeypatch.setattr(entropy_module, "_BRACKET_MAX_FRACTION", 0.0)
+    else:  # a zero-width estimate: the exact narrowing then often finds the cut outside the bracket
+        monkeypatch.setattr(entropy_module, "_BRACKET_SIGMAS", 0.0)
+        monkeypatch.setattr(entropy_module, "_BRACKET_CANDIDATES", 1)
+    monkeypatch.setattr(entropy_module, "_TOP_P_CANDIDATES", (2,))
+    sorted_rows = []
+    real_sort = torch.sort
+
+    def counting_sort(t, *args, **kwargs):
+        sorted_rows.append(t.shape[0] if t.shape[-1] == 200 else 0)
+        return real_sort(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "sort", counting_sort)
+    logits = random_logits(30, 200, seed=7)
+    got = compute_top_p_entropy_from_logits(logits, 0.9, chunk_size=8, method="bracket")
+    want = torch.tensor([reference_top_p_entropy(row, 0.9) for row in logits.double().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert sum(sorted_rows) > 0  # the fallback really ran
+
+
+def test_bracket_one_token_nucleus_and_boundary_ties(monkeypatch, small_bracket):
+    monkeypatch.setattr(entropy_module, "_TOP_P_CANDIDATES", ())  # no top-k: every row goes through the bracket
+    logits = dominant_token_logits(600, 500, seed=8)
+    probs = torch.softmax(logits.double(), dim=-1)
+    one_token = probs.max(dim=-1).values >= 0.95 * (1 + 1e-4)
+    h = compute_top_p_entropy_from_logits(logits, 0.95, chunk_size=64, method="bracket")
+    assert int(one_token.sum()) > 100 and int((h[one_token] != 0).sum()) == 0
+    assert not torch.signbit(h).any()
+    row = torch.tensor([[math.log(x) for x in (0.15, 0.5, 0.05, 0.3)]])
+    two = -(0.625 * math.log(0.625) + 0.375 * math.log(0.375))
+    assert compute_top_p_entropy_from_logits(row, 0.8, method="bracket").item() == pytest.approx(two, rel=1e-6)
+    for n in range(2, 9):  # n equal logits: at p = k/n keep exactly k
+        block = torch.zeros(1, n)
+        for k in range(1, n):
+            at = compute_top_p_entropy_from_logits(block, k / n, method="bracket")
+            assert at.item() == pytest.approx(math.log(k), abs=1e-6), (n, k)
+
+
+def test_bracket_makes_a_fixed_number_of_host_decisions():
+    """The escalation asks the host per chunk and per level; the bracket once over all rows and twice (three counted
+    calls: tolist, any, bool) per quarter chunk of rows short of p, however many chunks the top-k pass runs (issue 19:
+    2,121 synchronisations per 16,384 rows)."""
+    from torch.overrides import TorchFunctionMode
+
+    class CountHostDecisions(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in ("nonzero", "item", "__bool__", "__int__", "__float__", "cpu", "tolist", "any", "all"):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    logits = random_logits(512, 400, seed=9)  # mostly peaked rows, some flat
+    counts = {}
+    for method in ("escalate", "bracket"):
+        with CountHostDecisions() as mode:
+            out = compute_top_p_entropy_from_logits(logits, 0.95, chunk_size=16, method=method)
+        counts[method] = mode.count
+        want = torch.tensor([reference_top_p_entropy(r, 0.95) for r in logits.double().tolist()], dtype=torch.float64)
+        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    short = int((torch.softmax(logits, -1).topk(256).values.sum(-1) < 0.95).sum())
+    assert counts["bracket"] <= 1 + 3 * math.ceil(short / 4), (counts, short)  # 32 top-k chunks cost nothing
+    assert counts["escalate"] >= 32, counts  # at least one per chunk
+
+
+def test_method_and_chunk_size_by_device():
+    from verl_tor.ops.entropy import DEFAULT_ACCELERATOR_TOP_P_CHUNK_SIZE, default_top_p_chunk_size
+
+    assert default_top_p_chunk_size("cpu") == 256 and default_top_p_chunk_size("cuda") == 2048
+    assert DEFAULT_ACCELERATOR_TOP_P_CHUNK_SIZE == 2048
+    with pytest.raises(ValueError, match="method='sort'.*Fix"):
+        compute_top_p_entropy_from_logits(torch.zeros(1, 5), 0.9, method="sort")

@@ -143,3 +143,32 @@ def test_text_position_ids_are_arange_rows(tiny_processor):
     ids = torch.arange(7) + 20
     pos = compute_text_position_ids(tiny_processor, ids)
     assert torch.equal(pos, torch.arange(7).repeat(4, 1))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_text_position_ids_skip_get_rope_index_and_equal_verls(family, tmp_path):
+    """The driver builds text-only position ids without verl's per-row get_rope_index (85 % of its view building,
+    bench_driver.py); they equal what verl's code gives, for every family. Ids holding a vision token still go
+    through verl's code."""
+    from verl.utils import hf_processor
+
+    from verl_tor.tiny import save_tiny_checkpoint
+    from verl_tor.views import compute_text_position_ids_by_verl
+
+    processor = hf_processor(save_tiny_checkpoint(str(tmp_path), family=family))
+    g = torch.Generator().manual_seed(0)
+    for length in (1, 2, 37, 300):
+        ids = torch.randint(20, 200, (length,), generator=g)
+        fast = compute_text_position_ids(processor, ids)
+        assert fast.dtype == torch.long and torch.equal(fast, compute_text_position_ids_by_verl(processor, ids))
+    calls = []
+    real = processor.get_rope_index
+    processor.get_rope_index = lambda *a, **k: calls.append(1) or real(*a, **k)
+    compute_text_position_ids(processor, torch.arange(50) + 20)
+    assert calls == []  # no get_rope_index for a text-only row
+    marker = VisionTokenIds.from_processor(processor).vision_start
+    with_marker = torch.cat([torch.arange(5) + 20, torch.tensor([marker]), torch.arange(5) + 20])
+    assert torch.equal(
+        compute_text_position_ids(processor, with_marker), compute_text_position_ids_by_verl(processor, with_marker)
+    )
+    assert calls  # that one went through get_rope_index

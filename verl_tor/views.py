@@ -22,7 +22,14 @@ import torch
 
 from verl_tor import SUPPORTED_MODELS
 
-__all__ = ["ViewError", "VisionTokenIds", "build_image_free_view", "compute_text_position_ids", "has_image"]
+__all__ = [
+    "ViewError",
+    "VisionTokenIds",
+    "build_image_free_view",
+    "compute_text_position_ids",
+    "compute_text_position_ids_by_verl",
+    "has_image",
+]
 
 VIEWS = ("remove", "blank", "noise")
 
@@ -67,7 +74,21 @@ class VisionTokenIds:
 
 
 def compute_text_position_ids(processor: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """(L,) token ids of a prompt without vision tokens -> (4, L) position ids, by verl's agent-loop code.
+    """(L,) token ids of a prompt without vision tokens -> (4, L) position ids: ``arange(L)`` in every row.
+
+    That is what verl's agent-loop code gives a text-only row (``compute_text_position_ids_by_verl``: its text row,
+    and ``get_rope_index``'s t/h/w rows for every supported family; ``tests/test_views_on_cpu.py`` checks the two
+    agree), computed without the per-row ``get_rope_index`` call, which was ~85 % of the driver's view building
+    (``benchmarks/bench_driver.py``: 4.2 s a step at 6,144 rollouts). Ids holding a vision token go through verl's
+    code instead (their positions follow the image grid).
+    """
+    if torch.isin(input_ids, torch.tensor(VisionTokenIds.from_processor(processor).all, dtype=input_ids.dtype)).any():
+        return compute_text_position_ids_by_verl(processor, input_ids)
+    return torch.arange(input_ids.shape[0], dtype=torch.long).expand(4, -1).clone()
+
+
+def compute_text_position_ids_by_verl(processor: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """(L,) token ids -> (4, L) position ids, by verl's agent-loop code.
 
     Reuses ``AgentLoopWorker._compute_position_ids`` (verl 0.9.1), which calls the processor-bound
     ``get_rope_index`` (transformers') and prepends the text row, exactly as for the with-image rows.

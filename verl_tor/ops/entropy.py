@@ -11,9 +11,17 @@ both work on flattened rows in chunks, so a (4096, 151936) logits tensor never n
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["DEFAULT_ENTROPY_CHUNK_SIZE", "compute_entropy_from_logits", "compute_top_p_entropy_from_logits"]
+__all__ = [
+    "DEFAULT_ACCELERATOR_TOP_P_CHUNK_SIZE",
+    "DEFAULT_ENTROPY_CHUNK_SIZE",
+    "compute_entropy_from_logits",
+    "compute_top_p_entropy_from_logits",
+    "default_top_p_chunk_size",
+]
 
 DEFAULT_ENTROPY_CHUNK_SIZE = 256
 """Rows (tokens) per chunk. With Qwen2.5-VL's vocabulary V = 151,936 one float32 (256, V) buffer is 156 MB: the
@@ -21,6 +29,29 @@ top-p path holds the chunk's float32 probabilities plus the ``topk`` candidates 
 buffers when rows are peaked, ~4 when every row is flat and needs the full sort, which runs ``_SORT_ROWS`` rows at a
 time), i.e. 0.3-0.6 GB on top of the logits, whatever the number of tokens; each chunk is still ~39M elements,
 enough to keep a GPU busy (4096 tokens = 16 chunks)."""
+
+DEFAULT_ACCELERATOR_TOP_P_CHUNK_SIZE = 2048
+"""Rows per chunk of the top-p entropy on a GPU: a float32 (2048, 151,936) block of probabilities is 1.2 GB, next to
+the 5 GB of bf16 logits of a 16,384-token micro-batch (verl's ``max_token_len_per_gpu`` in the GPU recipes) that the
+old-policy pass holds anyway; 311M elements per ``softmax``/``topk`` call keep an H200 saturated, and 8 chunks per
+micro-batch leave 8 kernel batches to launch, not 64. 4,096 rows would halve the launches for another 1.2 GB."""
+
+_BRACKET_SAMPLE = 4096
+"""Probabilities per row sampled (strided) to estimate where a short row's cut falls (``"bracket"``): sorting 4,096
+values per row is ~3 % of sorting V = 151,936, and the bracket around the estimate (+-4 standard deviations of the
+sampled mass) is a few thousand tokens on rows whose nucleus holds tens of thousands."""
+
+_BRACKET_SIGMAS = 4.0
+"""Half-width of the bracket in standard deviations of the sampled mass estimate: wide enough that a miss (then a full
+sort of that row) is rare, narrow enough that the bracket's sort stays a small fraction of V."""
+
+_BRACKET_CANDIDATES = 30
+"""Sample values inside the estimated bracket at which the exact mass above is measured (one ``searchsorted`` and one
+``scatter_add`` over the rows) to narrow it: the bracket that gets sorted is ~1/31 of the estimate's."""
+
+_BRACKET_MAX_FRACTION = 0.25
+"""Rows whose bracket holds more than this share of V (nearly uniform rows) are sorted in full instead: a ``topk``
+that wide costs about a sort, and it would set the width for every row of its chunk."""
 
 _SORT_ROWS = 32
 """Rows fully sorted at once: a sort of (rows, V) float32 holds values, int64 indices and the cumulative sums, ~7
@@ -67,7 +98,7 @@ def compute_entropy_from_logits(logits: torch.Tensor, chunk_size: int = DEFAULT_
 
 @torch.no_grad()
 def compute_top_p_entropy_from_logits(
-    logits: torch.Tensor, top_p: float, chunk_size: int = DEFAULT_ENTROPY_CHUNK_SIZE
+    logits: torch.Tensor, top_p: float, chunk_size: int | None = None, *, method: str | None = None
 ) -> torch.Tensor:
     """Entropy of the top-p truncated, renormalised next-token distribution (the paper's reasoning score), in nats.
 
@@ -78,20 +109,37 @@ def compute_top_p_entropy_from_logits(
     rounding; renormalise the kept mass Z to 1 and return -Σ_kept (p/Z) log(p/Z). One kept token gives exactly 0
     (an exact tie for ``select.py``'s seeded tie-breaking). ``top_p = 1`` returns the full entropy.
 
-    Speed, exactly: a full sort of V = 151,936 values per token dominates. Instead each row takes its top k
-    probabilities (``torch.topk``, sorted; k = 256, then 4096, 32768 for the rows still short, see
-    ``_TOP_P_CANDIDATES``); once their mass reaches the cut the kept prefix lies inside them (every later token has
-    cumulative-before >= the cut), so the answer is the one a full sort gives. A row skips a level that its lower
-    bound on the kept count already exceeds, and rows short at every level are sorted in full. Ties at the cut do not
-    matter: tied tokens have equal probability, so any order of them keeps the same multiset of probabilities. On 2 CPU
-    cores and 512 x 151,936 logits: 2.5-7x faster than a full sort for LLM-like rows (mostly peaked, some flat), up to
-    ~15% slower when every row is nearly uniform.
+    Speed, exactly: a full sort of V = 151,936 values per token dominates. Both methods first take each row's top
+    k = 256 probabilities (``torch.topk``, sorted); once their mass reaches the cut the kept prefix lies inside them
+    (every later token has cumulative-before >= the cut), so the answer is the one a full sort gives. Ties at the cut
+    do not matter: tied tokens have equal probability, so any order of them keeps the same multiset of probabilities.
+    They differ in how they finish the rows still short of p (flat rows, whose nucleus holds thousands of tokens):
+
+    - ``"escalate"`` (CPU default): per chunk, ``topk`` of 4096, then 32768 for the rows still short, skipping a
+      level a row's lower bound on its kept count already exceeds, then a full sort. Each level is a host decision
+      (``nonzero``, ``any``), free on a CPU, where the work per level is what counts: on 2 cores and 512 x 151,936
+      logits it is 2.5-7x faster than a full sort for LLM-like rows (``benchmarks/bench_entropy.py``).
+    - ``"bracket"`` (default on any other device): the 256-candidate pass runs over every chunk without a single host
+      decision (the entropy of rows that reached p is written with ``torch.where``); then ONE ``nonzero`` over all
+      rows finds the short ones, whose probabilities are recomputed in chunks (a softmax of the gathered logits) and
+      finished without sorting V: a strided sample of 4,096 probabilities per row, sorted, estimates where the cut
+      falls (+-4 standard deviations of the sampled mass); one ``searchsorted`` + ``scatter_add`` gives the exact
+      float64 mass above 30 sample values in that range, which narrows it to a bracket (v_lo, v_hi] of a few
+      thousand tokens whose mass above v_hi is < the cut and above v_lo reaches it; the kept set is every token
+      above v_hi plus a prefix of the bracket, whose values alone are sorted (``topk``) and summed in float64.
+      Rows whose bracket misses or is wider than a quarter of V (nearly uniform rows) get a full sort. Two host
+      decisions per quarter chunk of short rows. On a GPU the escalation's per-level round trips were the cost
+      (issue 19: at chunk 256, 2,121 ``cudaStreamSynchronize`` and 1,516 ``nonzero`` per 16,384 rows, the GPU busy
+      half the time), and so were the full sorts and full-width float64 cumulative sums of flat rows; this path has
+      neither.
 
     Args:
         logits: ``(..., V)`` unnormalised log-probabilities, any float dtype (bf16/fp16/fp32); ``-inf`` allowed.
         top_p: p in (0, 1].
-        chunk_size: rows of the flattened ``(rows, V)`` view processed at a time; peak extra memory is 2-4 float32
-            ``(chunk_size, V)`` buffers (see ``DEFAULT_ENTROPY_CHUNK_SIZE``).
+        chunk_size: rows of the flattened ``(rows, V)`` view processed at a time; ``None``: by device
+            (``default_top_p_chunk_size``). Peak extra memory is 2-4 float32 ``(chunk_size, V)`` buffers.
+        method: ``"escalate"``, ``"bracket"`` or ``None`` (by device: ``"escalate"`` on CPU, ``"bracket"``
+            elsewhere). Both give the same values (the same kept set; H summed in another order: ~1e-7 relative).
 
     Returns:
         ``(...)`` float32 entropy in nats, on ``logits.device``; no gradient (runs under ``torch.no_grad``).
@@ -99,15 +147,32 @@ def compute_top_p_entropy_from_logits(
     top_p = float(top_p)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p!r} is invalid. Fix: give p in (0, 1] (paper: 0.95).")
+    if chunk_size is None:
+        chunk_size = default_top_p_chunk_size(logits.device)
     _check_chunk_size(chunk_size)
+    if method is None:
+        method = "escalate" if logits.device.type == "cpu" else "bracket"
+    if method not in ("escalate", "bracket"):
+        raise ValueError(f"method={method!r} is invalid. Fix: give 'escalate', 'bracket' or None (by device).")
     if top_p >= 1.0:
         # Nothing is truncated; the full formula avoids the cumulative sum's rounding deciding the last tokens.
-        return compute_entropy_from_logits(logits, chunk_size=chunk_size)
+        return compute_entropy_from_logits(logits, chunk_size=min(chunk_size, DEFAULT_ENTROPY_CHUNK_SIZE))
     rows = logits.reshape(-1, logits.shape[-1])  # (R, V)
+    if method == "bracket":
+        return _compute_top_p_entropy_bracketed(rows, top_p, chunk_size).reshape(logits.shape[:-1])
     out = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
     for i in range(0, rows.shape[0], chunk_size):
         out[i : i + chunk_size] = _compute_top_p_entropy_chunk(rows[i : i + chunk_size], top_p)
     return out.reshape(logits.shape[:-1])
+
+
+def default_top_p_chunk_size(device: torch.device | str) -> int:
+    """Rows per chunk of the top-p entropy on ``device``: ``DEFAULT_ENTROPY_CHUNK_SIZE`` (256) on CPU, where a
+    (256, V) float32 block (156 MB at V = 151,936) stays near the caches and larger chunks only add memory;
+    ``DEFAULT_ACCELERATOR_TOP_P_CHUNK_SIZE`` (2048) elsewhere, where each chunk is a few kernel launches and 256-row
+    chunks left the GPU idle between them (issue 19: 271-340 ms at chunk 256 against 118 ms at 4096 for the same
+    work)."""
+    return DEFAULT_ENTROPY_CHUNK_SIZE if torch.device(device).type == "cpu" else DEFAULT_ACCELERATOR_TOP_P_CHUNK_SIZE
 
 
 def _compute_entropy_chunk(logits: torch.Tensor) -> torch.Tensor:
@@ -158,14 +223,141 @@ def _compute_top_p_entropy_chunk(logits: torch.Tensor, top_p: float) -> torch.Te
     return entropy
 
 
+def _compute_top_p_entropy_bracketed(rows: torch.Tensor, top_p: float, chunk_size: int) -> torch.Tensor:
+    """(R, V) logits -> (R,) float32 top-p entropy with a fixed number of host decisions (the ``"bracket"`` method of
+    ``compute_top_p_entropy_from_logits``): one over all rows, two per quarter chunk of rows short of p."""
+    num_rows, vocab = rows.shape
+    device = rows.device
+    out = torch.empty(num_rows, dtype=torch.float32, device=device)
+    if num_rows == 0:
+        return out
+    k = min(_TOP_P_CANDIDATES[0], vocab) if _TOP_P_CANDIDATES else 0
+    pending = torch.ones(num_rows, dtype=torch.bool, device=device)  # (R,) rows short of p after the top-k pass
+    top_mass = torch.zeros(num_rows, dtype=torch.float64, device=device)  # (R,) mass of each row's top k
+    top_last = torch.full((num_rows,), math.inf, dtype=torch.float32, device=device)  # (R,) its k-th probability
+    if k:
+        for i in range(0, num_rows, chunk_size):
+            probs = torch.softmax(rows[i : i + chunk_size], dim=-1, dtype=torch.float32)  # (C, V)
+            threshold = probs.sum(dim=-1).double() * (top_p * (1.0 - TOP_P_TOLERANCE))  # as in the escalation
+            top = torch.topk(probs, k, dim=-1, largest=True, sorted=True).values  # (C, k), descending
+            h, reached, mass = _compute_truncated_entropy(top, threshold, trim=False)
+            out[i : i + chunk_size] = h  # rows short of p are overwritten below
+            # a top-k of the whole vocabulary is a full sort: it decides, even below the cut by float rounding
+            pending[i : i + chunk_size] = ~reached if k < vocab else False
+            top_mass[i : i + chunk_size] = mass
+            top_last[i : i + chunk_size] = top[:, -1]
+    short = pending.nonzero().squeeze(1)  # the one host decision over all rows
+    # A quarter chunk at a time: finishing a row holds its float32 probabilities plus an int64 bucket index and a
+    # float64 copy for the exact masses (~5 float32 buffers), so a quarter of the rows keeps the peak near the top-k
+    # pass's one float32 chunk (at 2048 rows and V = 151,936: 1.5 GB against 1.2 GB, measured on CPU).
+    for ids in short.split(max(1, chunk_size // 4)):
+        out[ids] = _finish_short_rows(rows[ids], top_p, top_mass[ids], top_last[ids])
+    return out
+
+
+def _finish_short_rows(
+    logits: torch.Tensor, top_p: float, top_mass: torch.Tensor, top_last: torch.Tensor
+) -> torch.Tensor:
+    """Top-p entropy of rows whose top k did not reach p, without sorting V (``"bracket"``).
+
+    Args:
+        logits: ``(S, V)`` the short rows' logits (their probabilities are recomputed here: same softmax, same values).
+        top_p: p in (0, 1).
+        top_mass: ``(S,)`` float64 mass of each row's top k (0 without a top-k pass), for the estimate only.
+        top_last: ``(S,)`` float32 its k-th largest probability (+inf without a top-k pass), for the estimate only.
+
+    Returns:
+        ``(S,)`` float32 entropy. The bracket only chooses what to sort; every kept set is decided by the exact
+        float64 masses, and rows whose bracket does not hold the cut are sorted in full.
+    """
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (S, V)
+    num_rows, vocab = probs.shape
+    threshold = probs.sum(dim=-1).double() * (top_p * (1.0 - TOP_P_TOLERANCE))  # (S,) float64
+    # Estimate where the cut falls from a strided sample (token ids carry no order of probability that matters here:
+    # a miss only costs a sort). The sample's values below the top k stand for `stride` tokens each.
+    sample = probs[:, :: max(1, vocab // _BRACKET_SAMPLE)]  # (S, n)
+    n = sample.shape[1]
+    sample = torch.where(sample < top_last[:, None], sample, 0.0).sort(dim=-1, descending=True).values  # (S, n)
+    # estimate[:, j]: the mass of the tokens >= sample[:, j], each sampled value standing for `scale` tokens, with
+    # the standard deviation of such a sampled sum (each token drawn with probability 1 / scale): scale sqrt(Σ s^2).
+    # The bracket runs from where even estimate + z sd is below the cut to where even estimate - z sd reaches it,
+    # two samples further out each way for the discreteness of the sample.
+    scale = vocab / n
+    estimate = top_mass[:, None] + sample.cumsum(dim=-1, dtype=torch.float64) * scale  # (S, n)
+    spread = _BRACKET_SIGMAS * scale * sample.double().square().cumsum(dim=-1).sqrt()  # (S, n)
+    hi = (estimate + spread < threshold[:, None]).sum(dim=-1) - 3  # (S,) last sample surely above the cut, - 2
+    lo = (estimate - spread < threshold[:, None]).sum(dim=-1) + 2  # (S,) first sample surely past it, + 2
+    v_hi = torch.where(hi >= 0, sample.gather(1, hi.clamp(0, n - 1)[:, None]).squeeze(1), top_last)  # (S,)
+    v_lo = torch.where(lo < n, sample.gather(1, lo.clamp(0, n - 1)[:, None]).squeeze(1), 0.0)  # (S,)
+    # Narrow the bracket exactly: the float64 mass above each of _BRACKET_CANDIDATES sample values inside it, all in
+    # one pass (each token's bucket among the descending boundaries v_hi = d_0 > d_1 > ... > d_m+1 = v_lo, then the
+    # masses per bucket); the new bracket is (d_t+1, d_t] where the mass above crosses the cut.
+    inner = hi[:, None] + (lo - hi)[:, None] * torch.arange(1, _BRACKET_CANDIDATES + 1, device=probs.device) // (
+        _BRACKET_CANDIDATES + 1
+    )  # (S, m) sample indices strictly between hi and lo, ascending
+    inner_values = torch.where(inner < n, sample.gather(1, inner.clamp(0, n - 1)), 0.0)
+    inner_values = torch.minimum(inner_values, v_hi[:, None]).clamp_min(0.0)
+    bounds = torch.cat([v_hi[:, None], inner_values, v_lo[:, None]], dim=1)  # (S, m + 2), non-increasing
+    ascending = bounds.flip(1).contiguous()
+    # bucket b = how many boundaries lie below p: b = m + 2 above v_hi, 0 at or below v_lo
+    bucket = torch.searchsorted(ascending, probs, right=False)  # (S, V) int64
+    bucket_mass = torch.zeros(num_rows, bounds.shape[1] + 1, dtype=torch.float64, device=probs.device)
+    bucket_mass.scatter_add_(1, bucket, probs.double())  # (S, m + 3)
+    del bucket
+    # mass above d_t (t = 0 is v_hi): the buckets whose p exceeds d_t, i.e. b >= m + 2 - t
+    mass_above_bound = bucket_mass.flip(1).cumsum(dim=1)[:, : bounds.shape[1]]  # (S, m + 2)
+    below_cut = (mass_above_bound < threshold[:, None]).sum(dim=1)  # (S,) boundaries whose mass above is < the cut
+    t = (below_cut - 1).clamp(0, bounds.shape[1] - 2)
+    v_hi = bounds.gather(1, t[:, None]).squeeze(1)
+    v_lo = bounds.gather(1, (t + 1)[:, None]).squeeze(1)
+    above = probs > v_hi[:, None]  # (S, V): all kept when their mass is below the cut
+    band = (probs > v_lo[:, None]) & ~above  # (S, V): the bracket, sorted below
+    mass_above = mass_above_bound.gather(1, t[:, None]).squeeze(1)  # (S,)
+    band_mass = mass_above_bound.gather(1, (t + 1)[:, None]).squeeze(1) - mass_above
+    band_count = band.sum(dim=-1)
+    holds = (below_cut >= 1) & (below_cut <= bounds.shape[1] - 1) & (band_count >= 1)
+    holds &= (mass_above < threshold) & (mass_above + band_mass >= threshold)
+    holds &= band_count <= max(1, int(vocab * _BRACKET_MAX_FRACTION))
+    holds_list, count_list = torch.stack([holds.long(), band_count]).tolist()  # host decision 1: what, how wide
+    entropy = torch.empty(num_rows, dtype=torch.float32, device=probs.device)
+    in_bracket = [i for i, h in enumerate(holds_list) if h]
+    ids = torch.tensor(in_bracket, dtype=torch.long, device=probs.device)
+    to_sort = torch.tensor([i for i, h in enumerate(holds_list) if not h], dtype=torch.long, device=probs.device)
+    if in_bracket:
+        width = max(count_list[i] for i in in_bracket)
+        sub_probs, sub_threshold, sub_above = probs[ids], threshold[ids], above[ids]
+        # the bracket's values, descending, zeros after each row's count (they add no mass and are never kept)
+        values = torch.topk(torch.where(band[ids], sub_probs, 0.0), width, dim=-1, sorted=True).values  # (A, width)
+        cumulative = mass_above[ids, None] + values.cumsum(dim=-1, dtype=torch.float64)  # (A, width)
+        # the first bracket token is kept (mass before it < the cut: `holds`); token i + 1 iff the mass through i is
+        num_kept = 1 + (cumulative[:, :-1] < sub_threshold[:, None]).sum(dim=-1)  # (A,)
+        kept_mass = cumulative.gather(1, (num_kept - 1)[:, None]).squeeze(1).float()  # Z, (A,); >= every kept p
+        q = values / kept_mass[:, None]
+        in_prefix = torch.arange(width, device=probs.device) < num_kept[:, None]
+        h = -torch.where(in_prefix & (q > 0), q * q.log(), 0.0).sum(dim=-1)
+        q = sub_probs / kept_mass[:, None]  # (A, V): the tokens above the bracket, all kept
+        h = h - torch.where(sub_above & (q > 0), q * q.log(), 0.0).sum(dim=-1) + 0.0  # + 0.0: no -0.0
+        entropy[ids] = h
+        # float64 sums in another order can differ in the last bit: a row whose bracket then falls short is sorted
+        missed = cumulative[:, -1] < sub_threshold
+        if bool(missed.any()):  # host decision 2
+            to_sort = torch.cat([to_sort, ids[missed]])
+    for sub in to_sort.split(_SORT_ROWS if probs.device.type == "cpu" else 8 * _SORT_ROWS):
+        ordered = torch.sort(probs[sub], dim=-1, descending=True).values  # (<= _SORT_ROWS, V)
+        entropy[sub] = _compute_truncated_entropy(ordered, threshold[sub])[0]
+    return entropy
+
+
 def _compute_truncated_entropy(
-    sorted_probs: torch.Tensor, threshold: torch.Tensor
+    sorted_probs: torch.Tensor, threshold: torch.Tensor, trim: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-p entropy from a descending prefix of each row's probabilities.
 
     Args:
         sorted_probs: ``(C, K)`` the K largest probabilities of each row, descending (K = V for a full sort).
         threshold: ``(C,)`` float64, p (1 - ``TOP_P_TOLERANCE``) times the row's summed probabilities.
+        trim: sum H over the widest kept prefix only (a host round trip for its width) rather than all K columns
+            (no round trip: the ``"bracket"`` method's top-k pass, where K = 256).
 
     Returns:
         ``(C,)`` float32 entropy of the kept tokens, ``(C,)`` bool: whether the prefix's mass reached the threshold
@@ -177,7 +369,7 @@ def _compute_truncated_entropy(
     cumulative = sorted_probs.cumsum(dim=-1, dtype=torch.float64)  # (C, K)
     num_kept = 1 + (cumulative[:, :-1] < threshold[:, None]).sum(dim=-1)  # (C,): the kept tokens are a prefix
     kept_mass = cumulative.gather(1, (num_kept - 1).unsqueeze(1)).squeeze(1).float()  # Z, (C,)
-    width = int(num_kept.max()) if num_kept.numel() else 0
+    width = (int(num_kept.max()) if num_kept.numel() else 0) if trim else sorted_probs.shape[1]
     kept = sorted_probs[:, :width]  # (C, width)
     # H = -Σ q log q with q = p / Z: every term is >= 0 (Z >= p, so q <= 1 after rounding too), no cancellation, and
     # one kept token gives q = p / p = 1 and log 1 = 0, exactly 0. (log Z - Σ p log p / Z left +-3e-8 there, noise
