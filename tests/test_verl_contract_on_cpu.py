@@ -33,8 +33,9 @@ VERL_FACING = [
     "loss",
     "stage",
     "views",
-    "testing",
+    "tools/in_process",
     "local/__init__",
+    "local/packed",
     "local/platform",
     "local/rollout",
 ]
