@@ -21,7 +21,7 @@ from pathlib import Path
 
 __all__ = ["RECIPES", "LoopRun", "recipes_dir", "read_metrics", "run_cpu_recipe"]
 
-RECIPES = ("grpo", "grpo_tor", "dapo_tor")
+RECIPES = ("grpo", "grpo_tor", "dapo_tor", "grpo_tor_gpu_shape")
 """The scripts of ``recipes/cpu_tiny/``."""
 
 
