@@ -24,5 +24,8 @@ GPU_SHAPE_ARGS=(
   actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True
   actor_rollout_ref.ref.log_prob_max_token_len_per_gpu="$MAX_TOKENS_PER_GPU"
   actor_rollout_ref.ref.fsdp_config.param_offload=True
+  # verl's load balancer: least in-flight requests. Under full determinism verl 0.9.1 routes by request id instead,
+  # and its V1 agent loop gives every request the id det-0, so one replica would serve them all.
+  actor_rollout_ref.rollout.full_determinism=False
 )
 run_tor_recipe grpo "$EXPERIMENT_NAME" tor "${CPU_ARGS[@]}" "${GPU_SHAPE_ARGS[@]}" "$@"

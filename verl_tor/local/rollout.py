@@ -162,8 +162,8 @@ class HFRolloutServer:
     async def set_global_steps(self, global_steps: int) -> None:
         if self.requests_served:  # Ray forwards an actor's stdout to the driver's log
             print(
-                f"verl_tor hf rollout replica {self.replica_rank}: served {self.requests_served} requests in step "
-                f"{self.global_steps}",
+                f"verl_tor hf rollout replica {self.replica_rank}: served {self.requests_served} requests on the "
+                f"weights of step {self.global_steps}",
                 flush=True,
             )
             self.requests_served = 0
