@@ -60,9 +60,10 @@ def ray_cluster():
 
 
 def pytest_collection_modifyitems(config, items):
-    """The loop tests (one main_ppo run each, ~1 min) first, the rest after in their own order: with two xdist workers
-    the long modules start at once and the short ones fill in, instead of a long module starting last."""
-    items.sort(key=lambda item: item.get_closest_marker("loop") is None)
+    """The loop tests (one main_ppo run each, ~1 min) first, then the other ``slow`` ones, the rest after in their own
+    order: with two xdist workers the long modules start at once and the short ones fill in, instead of a long module
+    starting last."""
+    items.sort(key=lambda item: (item.get_closest_marker("loop") is None, item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(scope="session")

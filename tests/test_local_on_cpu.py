@@ -175,7 +175,15 @@ def local_env(monkeypatch):
         (None, CPU_OK, "export VERL_PLATFORM=cpu"),
         ("cpu", (*CPU_OK, "trainer.device=cuda"), "Fix: set trainer.device=cpu"),
         ("cpu", (*CPU_OK, "actor_rollout_ref.rollout.name=vllm"), "actor_rollout_ref.rollout.name=hf"),
-        ("cpu", (*CPU_OK, "actor_rollout_ref.model.use_remove_padding=True"), "use_remove_padding=false"),
+        (
+            "cpu",
+            (
+                *CPU_OK,
+                "actor_rollout_ref.model.use_remove_padding=True",
+                "actor_rollout_ref.ref.ulysses_sequence_parallel_size=2",
+            ),
+            "actor_rollout_ref.ref.ulysses_sequence_parallel_size=1",
+        ),
         ("cpu", CPU_OK[:-1], "+ray_kwargs.ray_init.num_gpus=1"),
         ("cpu", (*CPU_OK, "ray_kwargs.ray_init.num_cpus=2"), "ray_kwargs.ray_init.num_cpus=32"),
         ("cpu", (*CPU_OK, "actor_rollout_ref.rollout.tensor_model_parallel_size=2"), "tensor_model_parallel_size=1"),
@@ -209,6 +217,18 @@ def test_a_valid_local_config_exports_the_rollout_choice_for_the_workers(local_e
     validate_config(config, need_reference_policy(config), need_critic(config))
     assert os.environ["VERL_TOR_ROLLOUT"] == "hf"
     assert RolloutReplicaRegistry.get("hf").__name__ == "HFReplica"
+
+
+def test_the_packed_path_is_accepted_on_cpu(local_env, tiny_checkpoint):
+    """use_remove_padding=true runs on the CPU platform (verl_tor.local.packed; tests/test_packed_on_cpu.py)."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    local_env.setenv("VERL_PLATFORM", "cpu")
+    config = _compose(
+        f"actor_rollout_ref.model.path={tiny_checkpoint}", *CPU_OK, "actor_rollout_ref.model.use_remove_padding=True"
+    )
+    validate_config(config, need_reference_policy(config), need_critic(config))
 
 
 # ---------------------------------------------------------------------- the hf rollout server, in-process

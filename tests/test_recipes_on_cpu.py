@@ -270,7 +270,7 @@ def test_cpu_recipe_without_its_data_stops_before_ray_naming_the_prepare_command
     FileNotFoundError from inside Ray; now the script stops at once (no Python started) with the command."""
     import time
 
-    assert {p.stem for p in CPU_SCRIPTS} == {"common", "grpo", "grpo_tor", "dapo", "dapo_tor"}
+    assert {p.stem for p in CPU_SCRIPTS} == {"common", "grpo", "grpo_tor", "dapo", "dapo_tor", "grpo_tor_gpu_shape"}
     for script in CPU_SCRIPTS:
         if script.stem == "common":
             continue

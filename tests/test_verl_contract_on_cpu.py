@@ -35,6 +35,7 @@ VERL_FACING = [
     "views",
     "tools/in_process",
     "local/__init__",
+    "local/packed",
     "local/platform",
     "local/rollout",
     "local/sampling",

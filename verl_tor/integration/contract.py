@@ -94,6 +94,8 @@ VERL_CONTRACT: tuple[str, ...] = (
     "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithValueHead",
     "verl.workers.engine.fsdp.transformer_impl:FSDPEngine.get_per_tensor_param",
     "verl.utils.distributed:initialize_global_process_group_ray",
+    "verl.models.transformers.qwen2_vl:qwen2_vl_attn_forward",
+    "verl.utils.ulysses:get_ulysses_sequence_parallel_world_size",
     "verl.workers.engine_workers:ActorRolloutRefWorker.init_model",
     "verl.workers.engine_workers:ActorRolloutRefWorker.update_weights",
     "verl.workers.rollout.base:BaseRollout",

@@ -62,6 +62,7 @@ def install(when_imported: Callable[[str, Callable[[], None]], None]) -> list[st
         when_imported("verl.plugin.platform", register_cpu_platform)
         when_imported("verl.utils.distributed", fix_cpu_process_group)
         when_imported("verl.workers.engine.fsdp.transformer_impl", register_cpu_engines)
+        when_imported("verl.models.transformers.qwen2_vl", route_qwen2_vl_attention)
         selected.append("cpu platform")
     if hf_rollout_selected():
         when_imported("verl.workers.rollout.replica", register_hf_rollout)
@@ -88,6 +89,12 @@ def register_cpu_engines() -> None:
     from verl_tor.local.platform import register_cpu_engines as register
 
     register()
+
+
+def route_qwen2_vl_attention() -> None:
+    from verl_tor.local.packed import route_qwen2_vl_attention_to_transformers
+
+    route_qwen2_vl_attention_to_transformers()
 
 
 def register_hf_rollout() -> None:
@@ -147,11 +154,17 @@ def _check_cpu_run(config: Any, device: str, uses_hf: bool) -> None:
             f"that server needs a GPU. Fix: set actor_rollout_ref.rollout.name={ROLLOUT_NAME}."
         )
     model = config.actor_rollout_ref.model
-    if model.get("use_remove_padding", True):
-        raise LocalBackendError(
-            "actor_rollout_ref.model.use_remove_padding=true packs sequences for flash-attn, which has no CPU "
-            "build. Fix: set actor_rollout_ref.model.use_remove_padding=false on the CPU platform."
-        )
+    # use_remove_padding=true (packed sequences) runs: verl_tor.local.packed routes Qwen2-VL's attention to
+    # transformers' own, which builds the block-causal mask flash-attn's varlen call would apply. Sequence
+    # parallelism cannot: it lives inside verl's flash-attn attention.
+    for role in ("actor", "ref"):
+        sp = int(config.actor_rollout_ref[role].get("ulysses_sequence_parallel_size", 1) or 1)
+        if sp > 1:
+            raise LocalBackendError(
+                f"actor_rollout_ref.{role}.ulysses_sequence_parallel_size={sp}: verl's sequence parallelism runs "
+                f"inside its flash-attn attention, which has no CPU build. Fix: set "
+                f"actor_rollout_ref.{role}.ulysses_sequence_parallel_size=1 on the CPU platform."
+            )
     if model.get("use_fused_kernels", False):
         raise LocalBackendError(
             "actor_rollout_ref.model.use_fused_kernels=true needs Triton on a GPU. Fix: set it to false on the CPU "

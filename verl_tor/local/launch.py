@@ -30,9 +30,10 @@ __all__ = [
     "run_cpu_recipe",
 ]
 
-RECIPES = ("grpo", "grpo_tor", "dapo", "dapo_tor")
+RECIPES = ("grpo", "grpo_tor", "dapo", "dapo_tor", "grpo_tor_gpu_shape")
 """The scripts of ``verl_tor/recipes/cpu_tiny/`` (package data; a checkout's ``recipes/cpu_tiny/`` forwards to them):
-stock GRPO / DAPO (``trainer_mode=sync``, ToR off) and their ToR arms."""
+stock GRPO / DAPO (``trainer_mode=sync``, ToR off), their ToR arms, and ToR-GRPO in the GPU recipes' batching
+shape."""
 
 
 class RecipeInputError(ValueError):

@@ -111,6 +111,9 @@ class HFRolloutServer:
         self._lock = threading.Lock()
         self._occurrences: dict[tuple[int, str], int] = {}
         """(step, content key) -> requests seen (``rollout.full_determinism``: see ``_request_seed``)."""
+        self.requests_served = 0
+        """Requests since the last weight push: logged then, so a run's log shows how verl's load balancer spread a
+        step's requests over the replicas."""
 
     # ------------------------------------------------------------------ verl's server interface
     async def generate(
@@ -140,6 +143,7 @@ class HFRolloutServer:
                 "Fix: use rollout.name=vllm."
             )
         steps = self.global_steps
+        self.requests_served += 1
         seed = self._next_seed(list(prompt_ids), image_data, steps, sampling_params)
         token_ids, log_probs = await asyncio.to_thread(
             self._generate, list(prompt_ids), dict(sampling_params), image_data, seed
@@ -156,6 +160,13 @@ class HFRolloutServer:
         return await asyncio.to_thread(self._load, named_tensors)
 
     async def set_global_steps(self, global_steps: int) -> None:
+        if self.requests_served:  # Ray forwards an actor's stdout to the driver's log
+            print(
+                f"verl_tor hf rollout replica {self.replica_rank}: served {self.requests_served} requests on the "
+                f"weights of step {self.global_steps}",
+                flush=True,
+            )
+            self.requests_served = 0
         self.global_steps = int(global_steps)
         self._occurrences = {k: v for k, v in self._occurrences.items() if k[0] >= self.global_steps}
 

@@ -261,12 +261,12 @@ def build_actor_config(*overrides: str) -> Any:
 
 
 def build_cpu_engine(model: torch.nn.Module) -> Any:
-    """verl's real ``FSDPEngineWithLMHead`` around ``model``, set up for its non-packed path on CPU.
+    """verl's real ``FSDPEngineWithLMHead`` around ``model``, for its padded and packed paths on CPU.
 
     Only ``forward_step`` / ``prepare_model_inputs`` / ``prepare_model_outputs`` are meant to run: the instance
     carries the attributes those read (no FSDP wrapping, no process group, float32, no Ulysses). The caller must
     point verl's device helpers at the CPU (``patch_engine_device_helpers``) and apply verl's model patch
-    (``apply_monkey_patch(model, use_remove_padding=False)``; the packed path needs flash-attn).
+    (``setup_cpu_engine`` does both).
     """
     import types
 
@@ -284,20 +284,25 @@ def build_cpu_engine(model: torch.nn.Module) -> Any:
     return engine
 
 
-def setup_cpu_engine(model: torch.nn.Module) -> Any:
+def setup_cpu_engine(model: torch.nn.Module, use_remove_padding: bool = False) -> Any:
     """Set this process up the way verl's workers are, on CPU, and return the engine around ``model``.
 
     verl_tor's Qwen2-VL no-pixel fix (image-free rows need it), verl's device helpers pointed at the CPU, verl's
-    Qwen2.5-VL model patch (non-packed path; the packed one needs flash-attn), then ``build_cpu_engine``. The model
-    patch is process-wide: call this in a process of its own.
+    model patch as a worker applies it for ``model.use_remove_padding`` (for the packed path, after the CPU
+    platform's route of Qwen2-VL's attention to transformers': ``verl_tor.local.packed``), then
+    ``build_cpu_engine``. The model patch is process-wide: call this in a process of its own. With
+    ``use_remove_padding`` the engine runs both paths (the micro-batch's flag picks one).
     """
     from verl.models.transformers.monkey_patch import apply_monkey_patch
 
     from verl_tor.integration.fixes.qwen2_vl import apply_qwen2_vl_fix
+    from verl_tor.local.packed import route_qwen2_vl_attention_to_transformers
 
     apply_qwen2_vl_fix()
     patch_engine_device_helpers()
-    apply_monkey_patch(model, use_remove_padding=False)
+    if use_remove_padding:
+        route_qwen2_vl_attention_to_transformers()
+    apply_monkey_patch(model, use_remove_padding=use_remove_padding)
     return build_cpu_engine(model)
 
 
@@ -319,6 +324,8 @@ class EngineLogProbScorer(_OldLogProbPass):
     store: InMemoryKV
     engine: Any
     calls: list[dict] = field(default_factory=list)
+    use_remove_padding: bool = False
+    """verl's packed path (one ``(1, total)`` row per micro-batch) instead of the padded one."""
 
     def compute_log_prob(self, meta: Any) -> KVMeta:
         from verl.utils import tensordict_utils as tu
@@ -330,7 +337,7 @@ class EngineLogProbScorer(_OldLogProbPass):
         flags = {TOP_P_FLAG: float(info[TOP_P_FLAG])} if info.get(TOP_P_FLAG) is not None else {}
         tu.assign_non_tensor(
             data,
-            use_remove_padding=False,
+            use_remove_padding=self.use_remove_padding,
             calculate_entropy=bool(info.get("calculate_entropy", False)),
             temperature=float(info.get("temperature", 1.0)),
             **flags,
