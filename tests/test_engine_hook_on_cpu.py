@@ -87,8 +87,11 @@ def top_p_calls(monkeypatch):
         calls.append(kwargs)
         return op(logits, top_p, **kwargs)
 
+    import verl_tor.integration.engine as engine_module
+
     uninstall_top_p_entropy_hook()
     monkeypatch.setattr(verl_tor.ops, "compute_top_p_entropy_from_logits", recording)
+    monkeypatch.setattr(engine_module, "compute_top_p_entropy_from_logits", recording)  # the hook's module binding
     install_top_p_entropy_hook()
     try:
         yield calls

@@ -425,6 +425,20 @@ wait
 """
 
 
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process: not gone and not a zombie (a killed process whose reaper is the machine's
+    pid 1 stays a zombie where that pid 1 never reaps, as in some containers)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_interrupted_recipe_leaves_no_process_and_no_ray_temp_folder(tmp_path, monkeypatch):
     """Ctrl-C during `verl-tor demo` left main_ppo's Ray temp folder (and, since Ray's driver makes itself a
     process-group leader, a driver that killing the recipe's process group does not reach)."""
@@ -444,5 +458,4 @@ def test_interrupted_recipe_leaves_no_process_and_no_ray_temp_folder(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         launch.run_cpu_recipe("grpo_tor", cpu_dir=str(tmp_path / "cpu"), experiment="x", on_step=on_step, timeout=120)
     assert not seen["ray_tmp"].exists()
-    with pytest.raises(ProcessLookupError):
-        os.kill(seen["driver"], 0)
+    assert not is_alive(seen["driver"])

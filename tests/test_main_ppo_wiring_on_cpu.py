@@ -48,7 +48,15 @@ def plugin_free_stock(cpu_dir):
     """Stock ``sync`` with no verl_tor plugin in any process: verl's own ``VERL_USE_EXTERNAL_PLUGINS=none``, and the
     CPU backend alone loaded by ``VERL_USE_EXTERNAL_MODULES`` (the driver's plugin would export ``VERL_TOR_ROLLOUT``
     for the workers; set here instead)."""
-    from local_backend_only import MARKER
+    import ast
+
+    # read, not imported: importing local_backend_only would install its import hook in this test process
+    source = (TESTS / "local_backend_only.py").read_text()
+    marker = next(
+        ast.literal_eval(node.value)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "MARKER"
+    )
 
     result = run(
         cpu_dir,
@@ -61,7 +69,7 @@ def plugin_free_stock(cpu_dir):
         PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
     )
     with open(result.log_path, encoding="utf-8", errors="replace") as f:
-        markers = [line.split(MARKER, 1)[1].strip() for line in f if MARKER in line]
+        markers = [line.split(marker, 1)[1].strip() for line in f if marker in line]
     return result, markers
 
 

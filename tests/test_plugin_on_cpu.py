@@ -251,3 +251,38 @@ def test_top_p_entropy_is_refused_off_the_fsdp_engine():
     with open_dict(cfg):
         cfg.tor.entropy = "full"
     validate_tor_config(cfg, use_reference_policy=True)  # full entropy comes from any engine
+
+
+def test_post_import_hook_coexists_with_another_delegating_finder(monkeypatch):
+    """Another post-import finder that delegates to ``sys.meta_path`` the same way (another plugin's, or the suite's
+    ``local_backend_only``) used to bounce a lookup back and forth with verl_tor's until RecursionError."""
+    import importlib
+    import importlib.abc
+    import sys
+
+    from verl_tor.integration import hooks
+
+    name = "wave"  # a stdlib module nothing in the suite imports
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(hooks, "_INSTALLED", dict(hooks._INSTALLED))
+
+    class NaiveDelegatingFinder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            for finder in sys.meta_path:  # no guard of its own
+                if finder is not self and hasattr(finder, "find_spec"):
+                    spec = finder.find_spec(fullname, path, target)
+                    if spec is not None:
+                        return spec
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [NaiveDelegatingFinder(), *sys.meta_path])
+    ran = []
+
+    def record_wave_import():
+        ran.append(name)
+
+    hooks.when_imported(name, record_wave_import)
+    importlib.import_module(name)
+    assert ran == [name]

@@ -199,12 +199,12 @@ def test_verl_tor_demo_runs_verls_trainer_from_the_wheel(venv, tmp_path):
     the packaged CPU recipe, config and figure reader, and logs the ``tor/*`` metrics."""
     out = tmp_path / "demo"
     proc = run_in_venv(venv, "verl-tor", "demo", "--steps", "1", "--out-dir", str(out), timeout=900)
-    log = out / "runs" / "grpo_tor" / "main_ppo.log"
+    log = out / "runs" / "grpo_tor-1" / "main_ppo.log"  # the first run folder (one per run)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "[demo] step 1/1" in proc.stdout and "tor/reasoning_frac" in proc.stdout, proc.stdout[-3000:]
     from verl_tor.local.launch import read_metrics
 
-    steps = read_metrics(str(out / "runs" / "grpo_tor" / "metrics.jsonl"))
+    steps = read_metrics(str(out / "runs" / "grpo_tor-1" / "metrics.jsonl"))
     assert [s["step"] for s in steps] == [1]
     assert {"tor/reasoning_frac", "tor/perception_frac", "tor/weight_mean"} <= set(steps[0])
     text = log.read_text(encoding="utf-8", errors="replace")

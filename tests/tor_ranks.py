@@ -88,7 +88,7 @@ def compose_config(checkpoint: str, world_size: int, shape: str, lr: float = 1e-
         ]
     else:
         raise ValueError(f"--shape {shape!r}: simple or gpu")
-    with initialize_config_dir(config_dir=str(ROOT / "recipes" / "config"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "verl_tor" / "recipes" / "config"), version_base=None):
         return compose("tor_trainer", overrides=common)
 
 

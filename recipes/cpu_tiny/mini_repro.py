@@ -12,7 +12,7 @@ rewarded by verl's Geometry3K scorer), ``--jobs`` at a time (default 1; each run
 keeps one core busy, so ``--jobs 2`` on 2 cores nearly halves the wall time). Arms (``ARMS``):
 
 - ``grpo``: ``grpo.sh``, stock verl (``trainer_mode=sync``, ToR off);
-- ``tor``: ``grpo_tor.sh``, the paper's ``tor.*`` values (``TOR_PAPER_ARGS`` in ``recipes/common.sh``);
+- ``tor``: ``grpo_tor.sh``, the paper's ``tor.*`` values (``TOR_PAPER_ARGS`` in ``verl_tor/recipes/common.sh``);
 - ``reasoning_only`` / ``perception_only`` / ``random``: ``grpo_tor.sh`` + ``tor.mode=...`` (the paper's ablations and
   the random control with ToR's weight histogram);
 - ``informative``: ``grpo_tor.sh`` + ``tor.rank_tokens=informative`` (rank only tokens with a non-zero advantage).

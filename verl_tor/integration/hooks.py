@@ -30,18 +30,28 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
     """Runs callbacks right after selected modules finish executing (once each)."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _HOOKS:
+        # Re-entrancy guard: another finder that delegates to sys.meta_path the same way (a second post-import hook,
+        # e.g. another plugin's) would call back into this one for the same module, and the two would recurse.
+        if fullname not in _HOOKS or fullname in _SEARCHING:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                spec.loader = _PostImportLoader(spec.loader)
-                return spec
-            if spec is not None:
-                return spec
-        return None
+        _SEARCHING.add(fullname)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PostImportLoader(spec.loader)
+                    return spec
+                if spec is not None:
+                    return spec
+            return None
+        finally:
+            _SEARCHING.discard(fullname)
+
+
+_SEARCHING: set[str] = set()
+"""Module names this finder is looking up right now (imports hold the import lock per module)."""
 
 
 class _PostImportLoader(importlib.abc.Loader):

@@ -162,7 +162,7 @@ def check_config(argv: list[str]) -> int:
     running anything: hydra's compose API on ``--config-path`` / ``--config-name`` + the overrides, then verl's
     ``validate_config`` (which, with verl_tor installed, also checks the ``tor`` block:
     ``verl_tor.integration.plugin``) and the ToR checks themselves. For ``VERL_TOR_DRY_RUN=1`` in
-    ``recipes/common.sh``; returns 0, or 2 with the error."""
+    ``verl_tor/recipes/common.sh``; returns 0, or 2 with the error."""
     import os
 
     config_path, config_name, overrides = None, "ppo_trainer", []
