@@ -81,24 +81,16 @@ class TokenMapRollout:
 
 
 def extract_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` of ``text`` (braces balanced), or None without one.
+    """The content of the last ``\\boxed{...}`` of ``text`` as verl's Geometry3K scorer reads it, or None without one.
 
-    The rule ``mathruler``'s ``extract_boxed_content`` applies for verl's Geometry3K scorer (the last ``\\boxed{``,
-    read to its matching brace), in one linear pass; an unclosed last box gives None.
+    Delegates to ``mathruler``'s ``extract_boxed_content`` (what the scorer calls: the last ``\\boxed{``, read to its
+    matching brace, one linear pass), whose "no box" answer is the string ``"None"``; that is returned as None here
+    (so a literal ``\\boxed{None}`` also reads as no answer, as it scores).
     """
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for j in range(begin, len(text)):
-        char = text[j]
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            if depth == 0:
-                return text[begin:j].strip()
-            depth -= 1
-    return None
+    from mathruler.grader import extract_boxed_content
+
+    content = extract_boxed_content(text)
+    return None if content == "None" else content
 
 
 def _format_value(value: Any, limit: int = 80) -> str:
