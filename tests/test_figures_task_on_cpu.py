@@ -104,3 +104,50 @@ def test_problems_are_deterministic_and_splits_disjoint():
         split_seeds("test", 3)
     sides = [(make_problem(s).width, make_problem(s).height) for s in range(300)]
     assert {w for w, _ in sides} == set(range(1, 10)) and {h for _, h in sides} == set(range(1, 10))
+
+
+# ------------------------------------------------------------------------------------ area_plus (issue 20's task)
+def test_area_plus_reads_three_values_ignores_a_fourth_and_needs_two_operations():
+    from verl_tor.figures.task import DISTRACTOR_CELL, INSIDE_CELL, PLUS_QUESTION
+
+    problems = [make_problem(seed, "area_plus") for seed in split_seeds("val", 64)]
+    for p in problems:
+        w, h, c = p.width, p.height, p.inside
+        assert p.question == PLUS_QUESTION and p.answer == str(w * h + c)
+        a, t = w * h, w * h + c
+        expected = f"<think>The sides are {w} and {h}, inside is {c}. {w}*{h}={a}. {a}+{c}={t}</think> "
+        assert p.target == expected + f"\\boxed{{{t}}}"
+        kinds, parsed = label_response(p.target, task="area_plus")
+        assert parsed and "".join(ch for ch, k in zip(p.target, kinds) if k == "read") == f"{w}{h}{c}"
+        for name, (row, col) in (("inside", INSIDE_CELL), ("distractor", DISTRACTOR_CELL)):
+            x0, y0, x1, y1 = p.label_boxes[name]
+            assert col * CELL <= x0 < x1 <= (col + 1) * CELL and row * CELL <= y0 < y1 <= (row + 1) * CELL, name
+        assert str(p.distractor) not in p.question
+    # the distractor varies independently of the needed values, and the area task's problems did not change
+    assert len({(p.inside, p.distractor) for p in problems}) > 20
+    assert make_problem(5).target == build_target(make_problem(5).width, make_problem(5).height)[0]
+
+
+def test_classify_response_separates_misread_miscalculated_and_malformed():
+    from verl_tor.figures.task import ERROR_CLASSES, build_task_target, classify_response, parse_response
+
+    p = make_problem(split_seeds("val", 1)[0], "area_plus")
+    w, h, c = p.width, p.height, p.inside
+    right = p.target
+    assert parse_response(right, "area_plus")[:3] == [("{w}", w), ("{h}", h), ("{c}", c)]
+    assert classify_response(right, p, correct=True) == "correct"
+    # a wrong first-stated value (the distractor read for the inside number) is a misread, whatever follows
+    other = c % 9 + 1
+    misread = build_task_target("area_plus", w, h, other)[0]
+    assert classify_response(misread, p, correct=False) == "misread"
+    # values right, product wrong (the sum then follows from the wrong product): miscalculated
+    wrong = right.replace(f"={w * h}.", f"={w * h + 1}.").replace(f"{w * h}+", f"{w * h + 1}+")
+    assert classify_response(wrong, p, correct=False) == "miscalculated"
+    # the boxed answer differs from the computed total: still miscalculated (the values were read right)
+    assert classify_response(right.replace(f"boxed{{{w * h + c}}}", "boxed{0}"), p, correct=False) == "miscalculated"
+    for broken in ("", "<think>The sides are", right.replace(", inside is", " inside"), right + " extra"):
+        assert parse_response(broken, "area_plus") is None
+        assert classify_response(broken, p, correct=False) == "malformed"
+    assert set(ERROR_CLASSES) == {"correct", "misread", "miscalculated", "malformed"}
+    with pytest.raises(ValueError, match="task='volume'"):
+        make_problem(0, "volume")

@@ -23,7 +23,17 @@ from typing import Any
 
 import torch
 
-from verl_tor.figures.task import DATA_SOURCE, Problem, build_messages, label_response, make_problem, split_seeds
+from verl_tor.figures.task import (
+    DATA_SOURCE,
+    ERROR_CLASSES,
+    READ_SLOTS,
+    Problem,
+    build_messages,
+    classify_response,
+    label_response,
+    make_problem,
+    split_seeds,
+)
 
 __all__ = [
     "IMAGE_VIEWS",
@@ -154,25 +164,31 @@ def evaluate_figure_reader(
 ) -> dict[str, float]:
     """Mean accuracy / format / reward over ``n`` responses per problem, plus how often the sides were read right.
 
-    ``sides_read``: share of responses in the answer format whose two stated sides equal the figure's (the
-    perception part alone; the rest of the errors are the multiplication).
+    ``sides_read``: share of responses in the answer format whose stated values read from the figure equal the
+    figure's (the perception part alone; the rest of the errors are the arithmetic). ``correct`` / ``misread`` /
+    ``miscalculated`` / ``malformed``: the shares of ``classify_response``'s classes (they sum to 1).
     """
     responses = sample_responses(model, processor, problems, n, temperature, seed, max_new_tokens, image_view)
     totals = {"accuracy": 0.0, "format": 0.0, "score": 0.0}
+    classes = dict.fromkeys(ERROR_CLASSES, 0)
     formatted = sides_right = count = 0
     for problem, samples in zip(problems, responses):
+        task = getattr(problem, "task", "area")
         for ids in samples:
             text = processor.tokenizer.decode(ids, skip_special_tokens=True)  # as verl's reward manager decodes
-            for key, value in score_response(text, problem.answer).items():
+            scores = score_response(text, problem.answer)
+            for key, value in scores.items():
                 totals[key] += value
             count += 1
-            kinds, parsed = label_response(text)
+            classes[classify_response(text, problem, scores["accuracy"] == 1.0)] += 1
+            kinds, parsed = label_response(text, task=task)
             if parsed:
                 formatted += 1
                 read = re.findall(r"\d+", "".join(c if k == "read" else " " for c, k in zip(text, kinds)))
-                sides_right += read == [str(problem.width), str(problem.height)]
+                sides_right += read == [str(problem.values[slot]) for slot in READ_SLOTS[task]]
     result = {key: value / count for key, value in totals.items()}
     result["sides_read"] = sides_right / formatted if formatted else 0.0
+    result.update({name: k / count for name, k in classes.items()})
     result["responses"] = float(count)
     return result
 
@@ -218,6 +234,9 @@ def load_parquet_problems(path: str, limit: int | None = None) -> list[Problem]:
                 image=image,
                 question=str(info["question"]),
                 target=str(info["target"]),
+                task=str(info.get("task", "area")),
+                inside=int(info.get("inside", 0) or 0),
+                distractor=int(info.get("distractor", 0) or 0),
             )
         )
     return problems

@@ -17,10 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from verl_tor.figures.task import IMAGE_SIZE, QUESTION, TEXT_QUESTION, build_target
+from verl_tor.figures.task import IMAGE_SIZE, TASKS, build_task_target
 
 __all__ = [
     "FIGURE_READER_CHECKPOINT",
+    "FIGURE_READER_PLUS_CHECKPOINT",
     "FIGURE_READER_SIZES",
     "build_figure_processor",
     "build_figure_reader_config",
@@ -30,6 +31,8 @@ __all__ = [
 
 FIGURE_READER_CHECKPOINT = str(Path(__file__).resolve().parents[1] / "assets" / "figure_reader")
 """The trained figure reader shipped with the package (made by ``python -m verl_tor.figures.sft``)."""
+FIGURE_READER_PLUS_CHECKPOINT = str(Path(__file__).resolve().parents[1] / "assets" / "figure_reader_plus")
+"""The starting reader of the ``area_plus`` task (issue 20's reproduction; its ``training.json`` has the command)."""
 
 FIGURE_READER_SIZES: dict[str, Any] = {
     "text_config": dict(
@@ -52,18 +55,21 @@ FIGURE_READER_SIZES: dict[str, Any] = {
 """Overrides of ``verl_tor.tiny.build_tiny_qwen2_5_vl_config`` (design.md's measured recipe: ~1M parameters)."""
 
 
-def _corpus() -> list[str]:
+def _corpus(task: str = "area") -> list[str]:
     """The texts the tokenizer is trained on: the chat template's words and every prompt and target of the task."""
-    texts = ["You are a helpful assistant.", "system", "user", "assistant", QUESTION]
+    question, text_question, _ = TASKS[task]
+    texts = ["You are a helpful assistant.", "system", "user", "assistant", question]
+    insides = range(1, 10) if task == "area_plus" else (0,)
     for w in range(1, 10):
         for h in range(1, 10):
-            texts.append(TEXT_QUESTION.format(w=w, h=h))
-            texts.append(build_target(w, h)[0])
+            for c in insides:
+                texts.append(text_question.format(w=w, h=h, c=c))
+                texts.append(build_task_target(task, w, h, c)[0])
     return texts
 
 
 @functools.cache
-def _tokenizer_file(vocab_size: int) -> str:
+def _tokenizer_file(vocab_size: int, task: str = "area") -> str:
     """Train the BPE once per process (deterministic: one thread, fixed corpus); returns ``tokenizer.json``'s path.
 
     ``Digits(individual_digits=True)`` runs before ``ByteLevel``, so "15" is two tokens "1" "5" and every digit of
@@ -84,14 +90,15 @@ def _tokenizer_file(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus(task), trainer=trainer)
     path = os.path.join(tempfile.mkdtemp(prefix="verl_tor_figure_tok_"), "tokenizer.json")
     tok.save(path)
     return path
 
 
-def build_figure_processor(save_dir: str | None = None, vocab_size: int = 384) -> Any:
-    """A real ``Qwen2_5_VLProcessor`` for the figure reader, built offline.
+def build_figure_processor(save_dir: str | None = None, vocab_size: int = 384, task: str = "area") -> Any:
+    """A real ``Qwen2_5_VLProcessor`` for the figure reader of ``task`` (its tokenizer is trained on that task's
+    texts), built offline.
 
     Images are kept at IMAGE_SIZE×IMAGE_SIZE = 84×84 pixels (``min_pixels = max_pixels``): 6×6 patches of 14 px,
     3×3 = 9 image tokens after the 2×2 merge, one per 28-px cell of the figure.
@@ -101,7 +108,7 @@ def build_figure_processor(save_dir: str | None = None, vocab_size: int = 384) -
     from verl_tor.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=_tokenizer_file(vocab_size),
+        tokenizer_file=_tokenizer_file(vocab_size, task),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],

@@ -36,13 +36,14 @@ import torch.nn.functional as F
 
 from verl_tor.figures.task import (
     CELL,
+    DISTRACTOR_CELL,
     HEIGHT_CELL,
     IMAGE_SIZE,
-    QUESTION,
-    TEXT_QUESTION,
+    INSIDE_CELL,
+    TASKS,
     WIDTH_CELL,
     build_messages,
-    build_target,
+    build_task_target,
     make_problem,
     split_seeds,
 )
@@ -86,6 +87,17 @@ class SFTConfig:
     x 4 samples, seed 0)."""
     pool_size: int = 2048
     """Distinct rendered problems to draw image rows from (preprocessed once: ~5 ms each)."""
+    task: str = "area"
+    """``verl_tor.figures.task.TASKS`` key: ``area`` (the shipped reader) or ``area_plus`` (issue 20's starting
+    reader; its distractor digit is a cell class too: the tower reads every number, the language model learns which
+    ones the question needs)."""
+    select_target: float = 0.0
+    """Early stop of stage 2 (0 = off): every ``select_every`` steps, greedy accuracy on ``select_n`` dev problems
+    (SFT-split seeds after the pool's: never trained on, disjoint from the RL train/val splits); stage 2 stops at the
+    first check at or above this. A rule, not a hand-picked checkpoint: how issue 20's starting reader lands in
+    its 0.25-0.5 band deterministically."""
+    select_every: int = 10
+    select_n: int = 128
     threads: int = 1
     """torch CPU threads. Results are bit-identical for a fixed thread count, torch build and CPU kernel set; 1
     (default) loses little on 2 cores at these sizes, and much less than 2 threads do on a machine shared with other
@@ -104,6 +116,12 @@ class SFTConfig:
         for name in ("text_only_frac", "blind_frac", "final_lr_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(name, "must be in [0, 1]", "give a fraction")
+        if self.task not in TASKS:
+            fail("task", f"unknown task (known: {sorted(TASKS)})", "choose one of them")
+        if not 0.0 <= self.select_target <= 1.0:
+            fail("select_target", "must be in [0, 1]", "give an accuracy (0 turns the early stop off)")
+        if self.select_every < 1 or self.select_n < 1:
+            fail("select_every", "select_every and select_n must be >= 1", "give positive counts")
         if self.aux_weight < 0:
             fail("aux_weight", "must be >= 0", "0 turns the auxiliary cell loss off")
         n_text, n_blind = round(self.batch_size * self.text_only_frac), round(self.batch_size * self.blind_frac)
@@ -122,12 +140,16 @@ class SFTResult:
     log: dict
 
 
-def cell_labels(width: int, height: int) -> torch.Tensor:
-    """(GRID*GRID,) cell classes in raster order (the order of the merged image tokens): the side's digit in the
-    label's cell, ``NO_DIGIT`` (0) elsewhere."""
+def cell_labels(width: int, height: int, inside: int = 0, distractor: int = 0) -> torch.Tensor:
+    """(GRID*GRID,) cell classes in raster order (the order of the merged image tokens): each label's digit in its
+    cell, ``NO_DIGIT`` (0) elsewhere (``inside`` / ``distractor``: ``area_plus``'s two more labels; 0 = none)."""
     labels = torch.full((GRID * GRID,), NO_DIGIT, dtype=torch.long)
     labels[WIDTH_CELL[0] * GRID + WIDTH_CELL[1]] = width
     labels[HEIGHT_CELL[0] * GRID + HEIGHT_CELL[1]] = height
+    if inside:
+        labels[INSIDE_CELL[0] * GRID + INSIDE_CELL[1]] = inside
+    if distractor:
+        labels[DISTRACTOR_CELL[0] * GRID + DISTRACTOR_CELL[1]] = distractor
     return labels
 
 
@@ -163,25 +185,36 @@ def _lr_factor(step: int, cfg: SFTConfig) -> float:
 class _Batches:
     """Token sequences of the SFT mix, cached per (sides, with image): every image prompt is the same 40 tokens."""
 
-    def __init__(self, processor: Any):
+    def __init__(self, processor: Any, task: str = "area"):
         self.processor = processor
+        self.task = task
+        question, self.text_question, _ = TASKS[task]
         self.tokenizer = processor.tokenizer
         self.image_pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.pad = self.tokenizer.pad_token_id
         cells = (IMAGE_SIZE // 14) ** 2 // 4  # merged tokens per image
-        image_prompt = self._prompt_ids(build_messages(QUESTION))
-        self.blind_prompt = self._prompt_ids(build_messages(QUESTION, with_image=False))
+        image_prompt = self._prompt_ids(build_messages(question))
+        self.blind_prompt = self._prompt_ids(build_messages(question, with_image=False))
         # the chat template writes one <|image_pad|>; the processor expands it to one per merged token
         at = image_prompt.index(self.image_pad)
         self.image_prompt = image_prompt[:at] + [self.image_pad] * cells + image_prompt[at + 1 :]
-        self.text_prompt = {}
-        self.response = {}
-        for w in range(1, 10):
-            for h in range(1, 10):
-                question = TEXT_QUESTION.format(w=w, h=h)
-                self.text_prompt[w, h] = self._prompt_ids(build_messages(question, with_image=False))
-                target = build_target(w, h)[0] + self.tokenizer.eos_token
-                self.response[w, h] = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+        self._text_prompt: dict[tuple, list[int]] = {}
+        self._response: dict[tuple, list[int]] = {}
+
+    def text_prompt(self, values: tuple) -> list[int]:
+        """Token ids of the text-only prompt for ``values`` = (w, h) or (w, h, inside), cached."""
+        if values not in self._text_prompt:
+            w, h, c = (*values, 0)[:3]
+            question = self.text_question.format(w=w, h=h, c=c)
+            self._text_prompt[values] = self._prompt_ids(build_messages(question, with_image=False))
+        return self._text_prompt[values]
+
+    def response(self, values: tuple) -> list[int]:
+        """Token ids of the target response (+ end of turn) for ``values``, cached."""
+        if values not in self._response:
+            target = build_task_target(self.task, *values)[0] + self.tokenizer.eos_token
+            self._response[values] = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+        return self._response[values]
 
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -197,13 +230,13 @@ class _Batches:
         in the question), then blind rows (the figure's question without the figure)."""
         seqs, prompt_lens = [], []
         for sides in image_sides:
-            seqs.append(self.image_prompt + self.response[sides])
+            seqs.append(self.image_prompt + self.response(sides))
             prompt_lens.append(len(self.image_prompt))
         for sides in text_sides:
-            seqs.append(self.text_prompt[sides] + self.response[sides])
-            prompt_lens.append(len(self.text_prompt[sides]))
+            seqs.append(self.text_prompt(sides) + self.response(sides))
+            prompt_lens.append(len(self.text_prompt(sides)))
         for sides in blind_sides:
-            seqs.append(self.blind_prompt + self.response[sides])
+            seqs.append(self.blind_prompt + self.response(sides))
             prompt_lens.append(len(self.blind_prompt))
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
@@ -223,12 +256,19 @@ def _build_pool(processor: Any, cfg: SFTConfig, progress: bool) -> tuple[torch.T
     pixels, labels, sides = [], [], []
     chunk = 128
     for start in _progress(math.ceil(len(seeds) / chunk), "render + preprocess figures", progress):
-        problems = [make_problem(s) for s in seeds[start * chunk : (start + 1) * chunk]]
+        problems = [make_problem(s, cfg.task) for s in seeds[start * chunk : (start + 1) * chunk]]
         out = processor.image_processor(images=[p.image for p in problems], return_tensors="pt")
         pixels.append(out["pixel_values"].reshape(len(problems), -1, out["pixel_values"].shape[-1]))
-        labels += [cell_labels(p.width, p.height) for p in problems]
-        sides += [(p.width, p.height) for p in problems]
+        labels += [cell_labels(p.width, p.height, p.inside, p.distractor) for p in problems]
+        sides += [_values(p) for p in problems]
     return torch.cat(pixels), torch.stack(labels), sides
+
+
+def _values(problem: Any) -> tuple:
+    """The values a target response is built from: (w, h) for ``area``, (w, h, inside) for ``area_plus``."""
+    return (
+        (problem.width, problem.height) if problem.task == "area" else (problem.width, problem.height, problem.inside)
+    )
 
 
 def train_figure_reader(cfg: SFTConfig = SFTConfig(), progress: bool = True) -> SFTResult:
@@ -239,7 +279,7 @@ def train_figure_reader(cfg: SFTConfig = SFTConfig(), progress: bool = True) -> 
     torch.set_num_threads(cfg.threads)
     try:
         t_start = time.perf_counter()
-        processor = build_figure_processor()
+        processor = build_figure_processor(task=cfg.task)
         model = build_figure_reader(processor, seed=cfg.seed).train()
         gen = torch.Generator().manual_seed(cfg.seed)
         head = torch.nn.Linear(model.config.vision_config.out_hidden_size, 10)
@@ -249,7 +289,7 @@ def train_figure_reader(cfg: SFTConfig = SFTConfig(), progress: bool = True) -> 
         pool = _build_pool(processor, cfg, progress)
         log: dict[str, Any] = {"config": dataclasses.asdict(cfg)}
         log["stage1"] = train_vision_stage(model, head, pool, gen, cfg, progress)
-        log["stage1"]["held_out_cell_acc"] = measure_cell_accuracy(model, head, processor, cfg.seed)
+        log["stage1"]["held_out_cell_acc"] = measure_cell_accuracy(model, head, processor, cfg.seed, task=cfg.task)
         log["stage2"] = train_full_stage(model, head, processor, pool, gen, cfg, progress)
         model.eval()
         log["seconds"] = time.perf_counter() - t_start
@@ -258,11 +298,13 @@ def train_figure_reader(cfg: SFTConfig = SFTConfig(), progress: bool = True) -> 
     return SFTResult(model=model, processor=processor, log=log)
 
 
-def measure_cell_accuracy(model: Any, head: torch.nn.Module, processor: Any, seed: int = 0, n: int = 256) -> dict:
-    """The cell head's accuracy on ``n`` held-out (val split) figures: every cell, and the two digit cells."""
-    problems = [make_problem(s) for s in split_seeds("val", n, seed)]
+def measure_cell_accuracy(
+    model: Any, head: torch.nn.Module, processor: Any, seed: int = 0, n: int = 256, task: str = "area"
+) -> dict:
+    """The cell head's accuracy on ``n`` held-out (val split) figures: every cell, and the digit cells."""
+    problems = [make_problem(s, task) for s in split_seeds("val", n, seed)]
     out = processor.image_processor(images=[p.image for p in problems], return_tensors="pt")
-    labels = torch.stack([cell_labels(p.width, p.height) for p in problems])  # (n, cells)
+    labels = torch.stack([cell_labels(p.width, p.height, p.inside, p.distractor) for p in problems])  # (n, cells)
     with torch.no_grad():
         feats = model.model.visual(out["pixel_values"], grid_thw=out["image_grid_thw"]).pooler_output
         pred = head(feats).argmax(-1).reshape(labels.shape)
@@ -309,7 +351,14 @@ def train_full_stage(
     """Stage 2: the whole model on the target responses + the aux cell loss, text-only rows mixed in."""
     pixels, cells, sides = pool
     side = int(math.isqrt(pixels.shape[1]))
-    batches = _Batches(processor)
+    batches = _Batches(processor, cfg.task)
+    n_values = 2 if cfg.task == "area" else 3
+    dev = (
+        [make_problem(s, cfg.task) for s in split_seeds("sft", cfg.pool_size + cfg.select_n, cfg.seed)[cfg.pool_size :]]
+        if cfg.select_target > 0
+        else []
+    )
+    checks: list[dict] = []
     opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=cfg.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     n_text = round(cfg.batch_size * cfg.text_only_frac)
@@ -321,7 +370,7 @@ def train_full_stage(
         bar = _progress(cfg.sft_steps, "stage 2: full SFT (+ aux cell loss)", progress)
         for _step in bar:
             idx = torch.randint(0, len(pixels), (n_image,), generator=gen)
-            text_sides = torch.randint(1, 10, (n_text + n_blind, 2), generator=gen).tolist()
+            text_sides = torch.randint(1, 10, (n_text + n_blind, n_values), generator=gen).tolist()
             text_sides = [tuple(s) for s in text_sides]
             inputs, labels = batches.build([sides[i] for i in idx.tolist()], text_sides[:n_text], text_sides[n_text:])
             grid = torch.tensor([[1, side, side]] * n_image)
@@ -334,9 +383,27 @@ def train_full_stage(
             opt.step()
             sched.step()
             bar.set_postfix(lm=f"{lm_loss.item():.3f}", aux=f"{aux_loss.item():.3f}")
+            if dev and (_step + 1) % cfg.select_every == 0:
+                check = _greedy_check(model, processor, dev)
+                checks.append({"step": _step + 1, **check})
+                bar.write(f"stage 2 step {_step + 1}: dev greedy {check}")
+                if check["accuracy"] >= cfg.select_target:
+                    break
     finally:
         tap.remove()
-    return {"lm_loss": lm_loss.item(), "aux_loss": aux_loss.item()}
+    out = {"lm_loss": lm_loss.item(), "aux_loss": aux_loss.item()}
+    if dev:
+        out.update(checks=checks, stopped_at=checks[-1]["step"] if checks else 0)
+    return out
+
+
+def _greedy_check(model: Any, processor: Any, problems: list) -> dict:
+    """Greedy accuracy on ``problems`` by verl's Geometry3K grader (the early-stop check) and the error classes."""
+    from verl_tor.figures.evaluate import evaluate_figure_reader
+    from verl_tor.figures.task import ERROR_CLASSES
+
+    result = evaluate_figure_reader(model, processor, problems, temperature=0.0, n=1, max_new_tokens=64)
+    return {key: round(result[key], 4) for key in ("accuracy", "sides_read", *ERROR_CLASSES[1:])}
 
 
 def save_figure_reader(result: SFTResult, out_dir: str, command: str | None = None) -> str:

@@ -42,6 +42,13 @@ __all__ = [
     "split_seeds",
     "build_messages",
     "to_verl_row",
+    "TASKS",
+    "ERROR_CLASSES",
+    "READ_SLOTS",
+    "task_format",
+    "build_task_target",
+    "parse_response",
+    "classify_response",
 ]
 
 DATA_SOURCE = "hiyouga/geometry3k"
@@ -93,6 +100,123 @@ _FORMAT = (
     ("}", "template"),
 )
 """The answer format, piece by piece: literal text, or a number slot (``{w}``, ``{h}``, ``{area}``) of a kind."""
+
+INSIDE_CELL = (1, 1)
+"""``area_plus``: (row, column) of the number drawn inside the rectangle (the centre cell)."""
+DISTRACTOR_CELL = (2, 2)
+"""``area_plus``: (row, column) of the number the question does not need (bottom-right, next to the width)."""
+PLUS_QUESTION = "The figure shows a rectangle with a number inside. Find its area plus that number."
+PLUS_TEXT_QUESTION = "A rectangle has sides {w} and {h} and the number {c} inside. Find its area plus that number."
+_PLUS_FORMAT = (
+    ("<think>The sides are ", "template"),
+    ("{w}", "read"),
+    (" and ", "template"),
+    ("{h}", "read"),
+    (", inside is ", "template"),
+    ("{c}", "read"),
+    (". ", "template"),
+    ("{w}", "restated"),
+    ("*", "operator"),
+    ("{h}", "restated"),
+    ("=", "operator"),
+    ("{area}", "computed"),
+    (". ", "template"),
+    ("{area}", "computed"),
+    ("+", "operator"),
+    ("{c}", "restated"),
+    ("=", "operator"),
+    ("{total}", "computed"),
+    ("</think> \\boxed{", "template"),
+    ("{total}", "answer"),
+    ("}", "template"),
+)
+"""``area_plus``'s answer format: three values read (width, height, the number inside), two operations (a product,
+then a sum), e.g. ``<think>The sides are 3 and 5, inside is 7. 3*5=15. 15+7=22</think> \\boxed{22}``."""
+
+TASKS = {"area": (QUESTION, TEXT_QUESTION, _FORMAT), "area_plus": (PLUS_QUESTION, PLUS_TEXT_QUESTION, _PLUS_FORMAT)}
+"""task -> (question, text-only question, answer format). ``area``: read two sides, one product (the shipped
+reader's task). ``area_plus`` (issue 20): read three values, ignore a fourth, a product and a sum."""
+READ_SLOTS = {"area": ("{w}", "{h}"), "area_plus": ("{w}", "{h}", "{c}")}
+"""The slots whose first occurrence states a value read from the figure."""
+ERROR_CLASSES = ("correct", "misread", "miscalculated", "malformed")
+"""``classify_response``'s classes, in the order a response is tested against them."""
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: choose one of {sorted(TASKS)}")
+
+
+def task_format(task: str = "area") -> tuple[tuple[str, str], ...]:
+    """The answer format of ``task``: (literal text or number slot, kind) pieces."""
+    _check_task(task)
+    return TASKS[task][2]
+
+
+def _slot_values(task: str, width: int, height: int, inside: int = 0) -> dict[str, int]:
+    area = width * height
+    values = {"{w}": width, "{h}": height, "{area}": area}
+    if task == "area_plus":
+        values.update({"{c}": inside, "{total}": area + inside})
+    return values
+
+
+def build_task_target(task: str, width: int, height: int, inside: int = 0) -> tuple[str, list[Span]]:
+    """``build_target`` for any task: the target response and its spans (template omitted)."""
+    values = {k: str(v) for k, v in _slot_values(task, width, height, inside).items()}
+    text, spans = "", []
+    for piece, kind in task_format(task):
+        piece = values.get(piece, piece)
+        if kind != "template":
+            spans.append(Span(len(text), len(text) + len(piece), kind))
+        text += piece
+    return text, spans
+
+
+def parse_response(text: str, task: str = "area", end_token: str = "<|im_end|>") -> list[tuple[str, int]] | None:
+    """The number slots of a response that follows ``task``'s format, in order: ``[(slot, value), ...]``; None when
+    the format is not followed (the same reading as ``label_response``)."""
+    pos, found = 0, []
+    for piece, _kind in task_format(task):
+        if piece.startswith("{"):
+            match = _NUMBER.match(text, pos)
+            if not match:
+                return None
+            found.append((piece, int(match.group())))
+            pos = match.end()
+        elif text.startswith(piece, pos):
+            pos += len(piece)
+        else:
+            return None
+    return found if text[pos:] in ("", end_token) else None
+
+
+def classify_response(text: str, problem: Problem, correct: bool) -> str:
+    """One of ``ERROR_CLASSES`` for a response to ``problem``, from the task's ground truth.
+
+    Args:
+        correct: the grader's verdict on the boxed answer (verl's Geometry3K ``acc_reward``); a correct answer is
+            ``correct`` whatever the reasoning says.
+    Returns:
+        ``correct``; ``malformed`` (the format is not followed, so no value can be checked); ``misread`` (a value
+        read from the figure, where the response first states it, is wrong: a side swapped for the other counts only
+        when the answer is then wrong); ``miscalculated`` (every read value right, the result wrong: a product, a
+        sum, a value copied wrongly into an operation, or the boxed answer differing from the computed one).
+    """
+    if correct:
+        return "correct"
+    slots = parse_response(text, problem.task)
+    if slots is None:
+        return "malformed"
+    truth, seen = problem.values, set()
+    for slot, value in slots:
+        if slot in READ_SLOTS[problem.task] and slot not in seen:
+            seen.add(slot)
+            if value != truth[slot]:
+                return "misread"
+    return "miscalculated"
+
+
 _NUMBER = re.compile(r"\d+")
 
 
@@ -119,11 +243,23 @@ class Problem:
     spans: list[Span] = field(default_factory=list)
     """Non-template spans of ``target`` (read / restated / operator / computed / answer), in order."""
     label_boxes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
-    """Pixel bounding box (x0, y0, x1, y1) of each drawn label: ``width`` and ``height``."""
+    """Pixel bounding box (x0, y0, x1, y1) of each drawn label: ``width`` and ``height`` (and, for ``area_plus``,
+    ``inside`` and ``distractor``)."""
+    task: str = "area"
+    """``TASKS`` key: ``area`` (the shipped reader's task) or ``area_plus`` (issue 20's harder variant)."""
+    inside: int = 0
+    """``area_plus``: the number drawn inside the rectangle, added to the area (0 for ``area``)."""
+    distractor: int = 0
+    """``area_plus``: the number in the bottom-right corner that the question does not need (0 for ``area``)."""
 
     @property
     def answer(self) -> str:
-        return str(self.width * self.height)
+        return str(self.width * self.height + self.inside)
+
+    @property
+    def values(self) -> dict[str, int]:
+        """The values the target response states, by slot name (``READ_SLOTS``)."""
+        return _slot_values(self.task, self.width, self.height, self.inside)
 
 
 def build_target(width: int, height: int) -> tuple[str, list[Span]]:
@@ -138,7 +274,7 @@ def build_target(width: int, height: int) -> tuple[str, list[Span]]:
     return text, spans
 
 
-def label_response(text: str, end_token: str = "<|im_end|>") -> tuple[list[str], bool]:
+def label_response(text: str, end_token: str = "<|im_end|>", task: str = "area") -> tuple[list[str], bool]:
     """Kind of every character of a (sampled) response, read against the answer format piece by piece.
 
     Number slots match any digits, right or wrong (a misread side is still the slot where the figure was read).
@@ -150,7 +286,7 @@ def label_response(text: str, end_token: str = "<|im_end|>") -> tuple[list[str],
     """
     kinds: list[str] = []
     pos = 0
-    for piece, kind in _FORMAT:
+    for piece, kind in task_format(task):
         if piece.startswith("{"):
             match = _NUMBER.match(text, pos)
             end = match.end() if match else -1
@@ -165,11 +301,14 @@ def label_response(text: str, end_token: str = "<|im_end|>") -> tuple[list[str],
     return kinds + ["unparsed"] * (len(text) - pos), False
 
 
-def render_figure(width: int, height: int, rng: random.Random) -> tuple[Any, dict[str, tuple[int, int, int, int]]]:
+def render_figure(
+    width: int, height: int, rng: random.Random, extra: tuple[tuple[str, int, tuple[int, int]], ...] = ()
+) -> tuple[Any, dict[str, tuple[int, int, int, int]]]:
     """Draw the rectangle and its two labels; returns the image and each label's pixel box.
 
     The rectangle's corners and the labels are jittered by a few pixels and the label colour varies, but each
-    label stays inside its cell (``WIDTH_CELL`` / ``HEIGHT_CELL``).
+    label stays inside its cell (``WIDTH_CELL`` / ``HEIGHT_CELL``). ``extra``: more (name, value, cell) labels,
+    drawn after the two sides (so the sides' random draws are the same with or without them).
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -181,7 +320,7 @@ def render_figure(width: int, height: int, rng: random.Random) -> tuple[Any, dic
     font = ImageFont.load_default(size=16)
     color = _COLORS[rng.randrange(len(_COLORS))]
     boxes = {}
-    for name, value, (row, col) in (("width", width, WIDTH_CELL), ("height", height, HEIGHT_CELL)):
+    for name, value, (row, col) in (("width", width, WIDTH_CELL), ("height", height, HEIGHT_CELL), *extra):
         x0, y0, x1, y1 = font.getbbox(str(value))
         # centre of the cell, jittered, so that the glyph's ink box stays inside the cell
         cx = col * CELL + CELL // 2 + rng.randint(-LABEL_JITTER, LABEL_JITTER) - (x0 + x1) // 2
@@ -191,21 +330,33 @@ def render_figure(width: int, height: int, rng: random.Random) -> tuple[Any, dic
     return img, boxes
 
 
-def make_problem(seed: int) -> Problem:
-    """Problem number ``seed``: sides drawn uniformly from 1-9, figure rendered, target built (deterministic)."""
-    rng = random.Random(f"verl_tor.figures:{seed}")
-    width, height = rng.choice(SIDES), rng.choice(SIDES)
-    image, boxes = render_figure(width, height, rng)
-    target, spans = build_target(width, height)
+def make_problem(seed: int, task: str = "area") -> Problem:
+    """Problem number ``seed`` of ``task``: values drawn uniformly from 1-9, figure rendered, target built
+    (deterministic; ``area``'s draws are those of the shipped reader's problems)."""
+    _check_task(task)
+    if task == "area":
+        rng = random.Random(f"verl_tor.figures:{seed}")
+        width, height = rng.choice(SIDES), rng.choice(SIDES)
+        inside = distractor = 0
+        image, boxes = render_figure(width, height, rng)
+    else:
+        rng = random.Random(f"verl_tor.figures.{task}:{seed}")
+        width, height, inside, distractor = (rng.choice(SIDES) for _ in range(4))
+        extra = (("inside", inside, INSIDE_CELL), ("distractor", distractor, DISTRACTOR_CELL))
+        image, boxes = render_figure(width, height, rng, extra)
+    target, spans = build_task_target(task, width, height, inside)
     return Problem(
         seed=seed,
         width=width,
         height=height,
         image=image,
-        question=QUESTION,
+        question=TASKS[task][0],
         target=target,
         spans=spans,
         label_boxes=boxes,
+        task=task,
+        inside=inside,
+        distractor=distractor,
     )
 
 
@@ -248,5 +399,10 @@ def to_verl_row(problem: Problem, split: str, index: int) -> dict:
             "width": problem.width,
             "height": problem.height,
             "target": problem.target,
+            **(
+                {"task": problem.task, "inside": problem.inside, "distractor": problem.distractor}
+                if problem.task != "area"
+                else {}
+            ),
         },
     }
