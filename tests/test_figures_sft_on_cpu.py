@@ -114,3 +114,46 @@ def test_sft_config_errors_name_the_field(overrides, field):
 
     with pytest.raises(ValueError, match=rf"SFTConfig\.{field}=.*Fix: "):
         SFTConfig(**overrides)
+
+
+def test_early_stop_rule_stops_at_the_first_check_at_target(monkeypatch):
+    """``select_target``: stage 2 measures dev accuracy every ``select_every`` steps and stops at the first check at
+    or above the target (the rule that made the area_plus reader), logging every check."""
+    from verl_tor.figures import sft
+
+    seen = []
+
+    def fake_check(model, processor, problems):  # the dev set is the SFT split's, outside the pool
+        seen.append(len(problems))
+        return {"accuracy": [0.1, 0.4, 0.9][len(seen) - 1]}
+
+    monkeypatch.setattr(sft, "_greedy_check", fake_check)
+    _, _, log = _train(task="area_plus", sft_steps=20, select_target=0.35, select_every=2, select_n=4)
+    assert seen == [4, 4] and log["stage2"]["stopped_at"] == 4
+    assert [c["step"] for c in log["stage2"]["checks"]] == [2, 4]
+    with pytest.raises(ValueError, match=r"SFTConfig\.task='volume'.*Fix: "):
+        sft.SFTConfig(task="volume")
+
+
+def test_shipped_area_plus_reader_starts_in_band_with_both_error_kinds():
+    """The starting reader of issue 20: package data, < 8 MB, made by the rule its README states, and on held-out
+    problems (64 of the 256) greedy accuracy inside 0.25-0.5 with misreads and miscalculations both present."""
+    from verl_tor.figures import evaluate_figure_reader, load_figure_reader, make_problem, split_seeds
+    from verl_tor.figures.model import FIGURE_READER_PLUS_CHECKPOINT
+
+    files = os.listdir(FIGURE_READER_PLUS_CHECKPOINT)
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    package = os.path.relpath(FIGURE_READER_PLUS_CHECKPOINT, ROOT).replace(os.sep, ".")
+    assert all(fnmatch.fnmatch(f, cfg["options.package_data"][package]) for f in files)
+    assert sum(os.path.getsize(os.path.join(FIGURE_READER_PLUS_CHECKPOINT, f)) for f in files) < 8 * 2**20
+    info = json.loads((Path(FIGURE_READER_PLUS_CHECKPOINT) / "training.json").read_text())
+    assert info["config"]["task"] == "area_plus" and info["config"]["select_target"] == 0.35
+    checks = info["stage2"]["checks"]
+    assert checks[-1]["accuracy"] >= 0.35 > max(c["accuracy"] for c in checks[:-1])
+    model, processor = load_figure_reader(FIGURE_READER_PLUS_CHECKPOINT)
+    problems = [make_problem(s, "area_plus") for s in split_seeds("val", 64)]
+    result = evaluate_figure_reader(model, processor, problems, temperature=0.0, max_new_tokens=64)
+    assert 0.25 <= result["accuracy"] <= 0.5, result
+    assert result["misread"] >= 0.05 and result["miscalculated"] >= 0.05, result
+    assert abs(sum(result[k] for k in ("correct", "misread", "miscalculated", "malformed")) - 1) < 1e-9
