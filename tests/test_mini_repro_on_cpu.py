@@ -5,6 +5,9 @@ verl's dumped validation generations, the settings guard of an output folder and
 hand-made inputs; ``run_one`` is checked for the recipe, overrides and variables it gives verl's trainer, and the
 accuracy read-back on a real validation dump of verl's trainer in ``tests/test_main_ppo_on_cpu.py``
 (``test_validation_dump_scores_as_verl_logged_it``: a run of its own here would cost CI another minute).
+Issue 20's additions: each dumped response mapped to its problem and classified, the paired bootstrap, the grid's
+order, resume and progress lines, and the summariser end to end on a stored published folder
+(``tests/data/mini_repro_area_plus``, written by ``write_fixture`` below).
 """
 
 from __future__ import annotations

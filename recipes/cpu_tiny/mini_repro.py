@@ -1,34 +1,50 @@
 #!/usr/bin/env python
-"""CPU mini-reproduction: GRPO, ToR-GRPO and its ablation arms through verl's real ``main_ppo``, K steps x seeds.
+"""CPU mini-reproduction: GRPO, ToR-GRPO, its ablation arms and DAPO through verl's real ``main_ppo``, K steps x seeds.
 
-    python recipes/cpu_tiny/mini_repro.py --jobs 2                     # the grid: 6 arms x 3 seeds (~50 min, 2 cores)
-    python recipes/cpu_tiny/mini_repro.py --pilot --out /tmp/mr_pilot  # the learning-rate pilot: GRPO x 3 LRs
-    python recipes/cpu_tiny/mini_repro.py --summarize /tmp/verl_tor_mini_repro   # plot + table of a finished folder
-    python recipes/cpu_tiny/mini_repro.py --publish recipes/cpu_tiny/results     # ... and copy them there
+    python recipes/cpu_tiny/mini_repro.py --pilot --jobs 2 --out /tmp/mr_pilot  # LR pilot: GRPO, seed 0, PILOT_LRS
+    python recipes/cpu_tiny/mini_repro.py --part primary --lrs LR --jobs 2      # GRPO, ToR-GRPO x seeds 1-5
+    python recipes/cpu_tiny/mini_repro.py --part ablations --lrs LR --jobs 2    # reasoning / perception only, random
+    python recipes/cpu_tiny/mini_repro.py --part dapo --lrs LR --jobs 2         # DAPO, ToR-DAPO
+    python recipes/cpu_tiny/mini_repro.py --summarize /tmp/verl_tor_mini_repro \\
+        --publish recipes/cpu_tiny/results/area_plus                              # compact files, table, plots
+    python recipes/cpu_tiny/mini_repro.py --summarize recipes/cpu_tiny/results/area_plus  # rebuilt from them
 
-Every run is ``recipes/cpu_tiny/{grpo,grpo_tor}.sh`` (``verl_tor.local.launch.run_cpu_recipe``: verl's
-``python -m verl.trainer.main_ppo`` with the shipped figure reader, a 1M-parameter Qwen2.5-VL, and the figure task
-rewarded by verl's Geometry3K scorer), ``--jobs`` at a time (default 1; each run is its own process tree and mostly
-keeps one core busy, so ``--jobs 2`` on 2 cores nearly halves the wall time). Arms (``ARMS``):
+Every run is one of ``recipes/cpu_tiny/{grpo,grpo_tor,dapo,dapo_tor}.sh`` (``verl_tor.local.launch.run_cpu_recipe``:
+verl's ``python -m verl.trainer.main_ppo`` on a 1M-parameter Qwen2.5-VL figure reader, the figure task rewarded by
+verl's Geometry3K scorer), ``--jobs`` at a time (default 1; each run is its own process tree and mostly keeps one core
+busy, so ``--jobs 2`` on 2 cores nearly halves the wall time). The task (``--task``, default ``area_plus``: read width,
+height and the number inside, ignore a distractor, answer w*h + inside), its starting checkpoint (``--model``, default
+``FIGURE_READER_PLUS_CHECKPOINT``) and verl's ``MAX_RESPONSE_LENGTH`` (64 for area_plus) are settings of the output
+folder, like steps and batch. Arms (``ARMS``), run by part (``--part``, ``PARTS``) in seed-major order:
 
 - ``grpo``: ``grpo.sh``, stock verl (``trainer_mode=sync``, ToR off);
 - ``tor``: ``grpo_tor.sh``, the paper's ``tor.*`` values (``TOR_PAPER_ARGS`` in ``verl_tor/recipes/common.sh``);
 - ``reasoning_only`` / ``perception_only`` / ``random``: ``grpo_tor.sh`` + ``tor.mode=...`` (the paper's ablations and
   the random control with ToR's weight histogram);
-- ``informative``: ``grpo_tor.sh`` + ``tor.rank_tokens=informative`` (rank only tokens with a non-zero advantage).
+- ``dapo`` / ``dapo_tor``: ``dapo.sh`` / ``dapo_tor.sh`` (clip-higher, dynamic sampling, overlong shaping);
+- ``informative`` (in no part): ``grpo_tor.sh`` + ``tor.rank_tokens=informative``.
 
 A seed sets the recipe's ``SEED`` (verl's data shuffling, the ``hf`` rollout's sampling seeds, FSDP's init seed) and
 ``tor.seed`` (ties and the random arm's draw). Validation runs before training (step 0), every ``--test-freq`` steps
 and at the last step, greedy (verl's ``val_kwargs`` default) on ``--val`` held-out problems; verl dumps its
-generations (``trainer.validation_data_dir``) and the accuracy here is verl's own Geometry3K accuracy
-(``verl.utils.reward_score.geo3k.acc_reward``, mathruler's boxed-answer grading) of each dumped response -- verl's
-logged ``val-core/.../acc`` is the reward 0.9·acc + 0.1·format, which the dump's ``score`` is checked against.
+generations (``trainer.validation_data_dir``). verl 0.9.1 writes a dump's rows in random ``uid`` order, so every run
+rewards with ``indexed_geo3k.py`` (verl's Geometry3K score unchanged, plus the problem's index in the dump); each
+response is then graded with verl's ``geo3k.acc_reward`` against its own problem and classified
+(``verl_tor.figures.task.classify_response``) into ``scores.json``. verl's logged ``val-core/.../acc`` is the reward
+0.9·acc + 0.1·format, which the dump's ``score`` is checked against.
+
+The summary: per arm and validation step the accuracy (with a 95 % bootstrap band) and the error-class shares; per arm
+the paired difference to GRPO (ToR-DAPO: to DAPO) on the same seeds and problems, in final greedy accuracy and area
+under the accuracy curve (trapezoid over the validation steps / their span), mean over seeds with a 95 % bootstrap
+interval (10,000 resamples of seeds, then problems within them, fixed RNG seed).
 
 Output folder (``--out``, default ``/tmp/verl_tor_mini_repro``): ``config.json``, ``data/`` (the problems),
-``runs/<arm>-seed<S>-lr<LR>/`` (verl's ``metrics.jsonl``, ``main_ppo.log``, ``val_generations/<step>.jsonl`` and
-``run.json``: this script's record of the run), and ``summary.json``, ``table.md``, ``accuracy.png``. A finished
-run (``run.json`` with exit code 0) is not run again: rerunning the command resumes an interrupted grid.
-The plot is drawn with PIL (already a dependency; no plotting extra to install, and CI exercises it).
+``runs/<arm>-seed<S>-lr<LR>/`` (verl's ``metrics.jsonl``, ``main_ppo.log``, ``val_generations/<step>.jsonl``, and this
+script's ``run.json`` and ``scores.json``), and ``summary.json``, ``table.md``, ``accuracy.png``,
+``error_classes.png``. ``--summarize`` reads only ``config.json``, ``run.json`` and ``scores.json``: ``--publish DIR``
+copies those and the summary, table and plots, so ``--summarize DIR`` rebuilds them. A finished run (``run.json`` with
+exit code 0) is not run again: rerunning the command resumes an interrupted grid; a line per finished run gives an ETA.
+The plots are drawn with PIL (already a dependency; no plotting extra to install, and CI exercises it).
 """
 
 from __future__ import annotations
