@@ -41,6 +41,25 @@ def test_schema_and_ground_truth(parquet):
     assert row["images"][0]["bytes"][:4] == b"\x89PNG"
 
 
+def test_area_plus_parquet_reads_back_as_its_problems(tmp_path):
+    """``task`` reaches ``make_problem``: the rows are area_plus problems (three values, a distractor, w*h + inside)
+    and ``load_parquet_problems`` rebuilds them, so a dump can be classified against its problem."""
+    from verl_tor.figures import make_problem, split_seeds, write_figure_parquet
+    from verl_tor.figures.data import main
+    from verl_tor.figures.evaluate import load_parquet_problems
+
+    paths = write_figure_parquet(str(tmp_path / "a"), n_train=2, n_val=3, seed=1, task="area_plus")
+    back = load_parquet_problems(paths["val"])
+    expected = [make_problem(s, "area_plus") for s in split_seeds("val", 3, 1)]
+    assert [(p.task, p.width, p.height, p.inside, p.distractor, p.answer) for p in back] == [
+        (p.task, p.width, p.height, p.inside, p.distractor, p.answer) for p in expected
+    ]
+    val = pd.read_parquet(paths["val"])
+    assert list(val["reward_model"].map(lambda r: r["ground_truth"])) == [p.answer for p in expected]
+    assert main(["--out-dir", str(tmp_path / "b"), "--train", "1", "--val", "1", "--task", "area_plus"]) == 0
+    assert load_parquet_problems(str(tmp_path / "b" / "val.parquet"))[0].task == "area_plus"
+
+
 def test_verl_rl_dataset_builds_the_training_prompt_with_the_image(parquet, figure_processor):
     from omegaconf import OmegaConf
     from verl.utils.dataset.rl_dataset import RLHFDataset

@@ -5,6 +5,9 @@ verl's dumped validation generations, the settings guard of an output folder and
 hand-made inputs; ``run_one`` is checked for the recipe, overrides and variables it gives verl's trainer, and the
 accuracy read-back on a real validation dump of verl's trainer in ``tests/test_main_ppo_on_cpu.py``
 (``test_validation_dump_scores_as_verl_logged_it``: a run of its own here would cost CI another minute).
+Issue 20's additions: each dumped response mapped to its problem and classified, the paired bootstrap, the grid's
+order, resume and progress lines, and the summariser end to end on a stored published folder
+(``tests/data/mini_repro_area_plus``, written by ``write_fixture`` below).
 """
 
 from __future__ import annotations
@@ -111,13 +114,26 @@ def test_accuracy_is_verls_geo3k_accuracy_of_the_dumped_generations(mr, tmp_path
 
 
 def test_an_output_folder_keeps_its_settings(mr, tmp_path):
-    config = {**mr.DEFAULTS, "n_train": 8, "n_val": 4, "command": "test"}
+    config = {**mr.DEFAULTS, "n_train": 8, "n_val": 4, "model": "/m", "max_response_length": 64, "command": "test"}
     mr.prepare_out(str(tmp_path), config)
     assert (tmp_path / "data" / "train.parquet").exists() and (tmp_path / "data" / "val.parquet").exists()
+    from verl_tor.figures.evaluate import load_parquet_problems
+
+    assert {p.task for p in load_parquet_problems(str(tmp_path / "data" / "val.parquet"))} == {"area_plus"}
     mr.prepare_out(str(tmp_path), {**config, "arms": ["grpo"], "lrs": [1e-3]})  # more runs, same settings: fine
     assert json.loads((tmp_path / "config.json").read_text())["lrs"] == sorted({*mr.DEFAULTS["lrs"], 1e-3})
-    with pytest.raises(mr.MiniReproError, match="--steps was 15 there, now 20"):
+    with pytest.raises(mr.MiniReproError, match="--steps was 30 there, now 20"):
         mr.prepare_out(str(tmp_path), {**config, "steps": 20})
+    with pytest.raises(mr.MiniReproError, match="--model was /m there, now /other"):
+        mr.prepare_out(str(tmp_path), {**config, "model": "/other"})
+
+
+def test_defaults_are_the_issue_20_grid(mr):
+    assert mr.DEFAULTS["seeds"] == [1, 2, 3, 4, 5] and mr.DEFAULTS["task"] == "area_plus"
+    assert (mr.DEFAULTS["steps"], mr.DEFAULTS["test_freq"], mr.DEFAULTS["n_val"]) == (30, 10, 256)
+    assert (mr.DEFAULTS["n_train"], mr.DEFAULTS["prompts"], mr.DEFAULTS["responses"]) == (512, 8, 4)
+    assert mr.DEFAULTS["arms"] == ["grpo", "tor", "reasoning_only", "perception_only", "random", "dapo", "dapo_tor"]
+    assert "informative" in mr.ARMS and mr.ARMS["dapo"][0] == "dapo" and mr.ARMS["dapo_tor"][0] == "dapo_tor"
 
 
 def test_plot_draws_each_arm_in_its_colour(mr, tmp_path):
@@ -146,10 +162,22 @@ def test_run_one_runs_the_arm_and_keeps_what_verl_logged(mr, tmp_path, monkeypat
     variables, and records verl's per-step metrics and the scored validation dumps in ``run.json``; a run verl
     logged at other steps, or a dump whose reward is not the one verl logged, is an error."""
     import verl_tor.local.launch as launch
+    from verl_tor.figures.evaluate import load_parquet_problems
 
     calls = []
-    config = {"steps": 2, "test_freq": 1, "prompts": 4, "responses": 2}
-    output = "<think>The sides are 3 and 5. 3*5=15</think> \\boxed{15}"
+    config = {
+        **mr.DEFAULTS,
+        "steps": 2,
+        "test_freq": 1,
+        "prompts": 4,
+        "responses": 2,
+        "n_train": 8,
+        "n_val": 2,
+        "model": "/a/reader",
+        "max_response_length": 64,
+    }
+    mr.prepare_out(str(tmp_path), config)
+    problems = load_parquet_problems(str(tmp_path / "data" / "val.parquet"))
 
     def fake_run(recipe, overrides, cpu_dir, experiment, env, on_step):
         calls.append((recipe, list(overrides), env))
@@ -157,7 +185,9 @@ def test_run_one_runs_the_arm_and_keeps_what_verl_logged(mr, tmp_path, monkeypat
         os.makedirs(val_dir, exist_ok=True)
         for step in range(3):
             with open(os.path.join(val_dir, f"{step}.jsonl"), "w") as f:
-                f.write(json.dumps({"output": output, "gts": "15", "score": 1.0, "step": step}) + "\n")
+                for i, p in reversed(list(enumerate(problems))):  # verl's uid order, not the dataset's
+                    row = {"output": p.target, "gts": p.answer, "score": 1.0, "step": step, "problem_index": i}
+                    f.write(json.dumps(row) + "\n")
         steps = [{"step": 0, mr.VAL_REWARD: 1.0}]
         steps += [{"step": i, mr.VAL_REWARD: 1.0, mr.TRAIN_SCORE: 0.5, "timing_s/step": 1.0} for i in (1, 2)]
         for step in steps:
@@ -171,7 +201,11 @@ def test_run_one_runs_the_arm_and_keeps_what_verl_logged(mr, tmp_path, monkeypat
     assert "trainer.val_before_train=True" in overrides
     assert env["SEED"] == "3" and env["LR"] == "0.0002" and env["TOTAL_STEPS"] == "2" and env["TEST_FREQ"] == "1"
     assert (env["ROLLOUT_BATCH_SIZE"], env["UPDATE_BATCH_SIZE"], env["N_RESPONSES"]) == ("4", "4", "2")
+    assert (env["MODEL_PATH"], env["MAX_RESPONSE_LENGTH"]) == ("/a/reader", "64")
+    assert f"reward.custom_reward_function.path={mr.INDEXED_REWARD}" in overrides
     assert [v["step"] for v in record["val"]] == [0, 1, 2] and record["val"][0]["accuracy"] == 1.0
+    scores = json.loads((tmp_path / "runs" / "perception_only-seed3-lr0.0002" / "scores.json").read_text())
+    assert scores["steps"]["2"] == {"acc": "11", "class": "cc"} and scores["n"] == 2
     assert [t["step"] for t in record["train"]] == [1, 2]
     saved = json.loads((tmp_path / "runs" / "perception_only-seed3-lr0.0002" / "run.json").read_text())
     assert saved == record
@@ -185,3 +219,276 @@ def test_run_one_runs_the_arm_and_keeps_what_verl_logged(mr, tmp_path, monkeypat
     )
     with pytest.raises(mr.MiniReproError, match=r"logged steps \[0, 2\], not \[0, 1, 2\]"):
         mr.run_one(str(tmp_path), config, "grpo", 1, 2e-4, log=lambda line: None)
+
+
+# ---------------------------------------------------------------------------------------------- issue 20: per problem
+FIXTURE = ROOT / "tests" / "data" / "mini_repro_area_plus"
+"""A published folder (``--publish``): 2 arms x 2 seeds x 3 validation steps x 8 area_plus problems, written by
+``write_fixture`` (``run_one`` with a stand-in for verl's trainer). Rewrite it with MINI_REPRO_WRITE_FIXTURE=1."""
+
+
+def response(problem, kind: str) -> str:
+    """A response to an area_plus ``problem`` of one error class."""
+    from verl_tor.figures.task import build_task_target
+
+    if kind == "correct":
+        return problem.target
+    if kind == "misread":  # the width read wrong, the arithmetic right: a wrong answer
+        return build_task_target("area_plus", problem.width % 9 + 1, problem.height, problem.inside)[0]
+    wrong = int(problem.answer) + 1
+    if kind == "miscalculated":  # every value right, the boxed result wrong
+        return problem.target.replace(f"\\boxed{{{problem.answer}}}", f"\\boxed{{{wrong}}}")
+    return f"\\boxed{{{wrong}}}"  # malformed
+
+
+def fixture_kind(arm: str, seed: int, step: int, i: int) -> str:
+    """The stand-in trainer's response class: more problems right with each step, faster for ``tor``."""
+    if i < 2 + step * (2 if arm == "tor" else 1) + seed % 2:
+        return "correct"
+    return ("misread", "miscalculated", "malformed")[(i + seed) % 3]
+
+
+def write_fixture(mr, out: Path) -> None:
+    """Run the fixture's grid through ``run_one`` with a stand-in for ``run_cpu_recipe`` that dumps what verl's
+    validation dumps (rows in a shuffled order, scored by verl's Geometry3K reward, with ``problem_index``)."""
+    import random
+
+    from verl.utils.reward_score.geo3k import compute_score
+
+    import verl_tor.local.launch as launch
+    from verl_tor.figures.evaluate import load_parquet_problems
+
+    config = {
+        **mr.DEFAULTS,
+        "arms": ["grpo", "tor"],
+        "seeds": [1, 2],
+        "steps": 2,
+        "test_freq": 1,
+        "n_val": 8,
+        "n_train": 8,
+        "prompts": 4,
+        "model": "/fixture/figure_reader_plus",
+        "max_response_length": 64,
+        "command": "tests/test_mini_repro_on_cpu.py write_fixture",
+    }
+    mr.prepare_out(str(out), config)
+    problems = load_parquet_problems(str(out / "data" / "val.parquet"))
+
+    def fake_run(recipe, overrides, cpu_dir, experiment, env, on_step):
+        arm, seed = experiment.split("-")[0], int(env["SEED"])
+        val_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("trainer.validation_data_dir="))
+        os.makedirs(val_dir, exist_ok=True)
+        steps = []
+        for step in range(3):
+            order = list(range(len(problems)))
+            random.Random(f"{experiment}:{step}").shuffle(order)
+            scores = []
+            with open(os.path.join(val_dir, f"{step}.jsonl"), "w") as f:
+                for i in order:
+                    output = response(problems[i], fixture_kind(arm, seed, step, i))
+                    scores.append(compute_score(output, problems[i].answer))
+                    row = {"output": output, "gts": problems[i].answer, "score": scores[-1], "step": step}
+                    f.write(json.dumps(row | {"problem_index": i}) + "\n")
+            metrics = {"step": step, mr.VAL_REWARD: statistics.fmean(scores)}
+            if step:
+                metrics |= {mr.TRAIN_SCORE: 0.1 * step, "timing_s/step": 1.0}
+            steps.append(metrics)
+        return launch.LoopRun(returncode=0, steps=steps, seconds=3.0)
+
+    original = launch.run_cpu_recipe
+    launch.run_cpu_recipe = fake_run
+    try:
+        for arm, seed, lr in mr.order_grid(config["arms"], config["seeds"], config["lrs"]):
+            mr.run_one(str(out), config, arm, seed, lr, log=lambda line: None)
+    finally:
+        launch.run_cpu_recipe = original
+
+
+def test_scores_map_each_response_to_its_problem_and_class(mr, tmp_path):
+    """verl dumps a validation in uid order: rows are given their problem by ``problem_index`` and graded and
+    classified against it; a row whose ground truth is not its problem's answer, a row without an index, a problem
+    answered twice or not at all is an error that says so."""
+    from verl_tor.figures import make_problem
+
+    problems = [make_problem(s, "area_plus") for s in range(4)]
+    kinds = ["correct", "misread", "miscalculated", "malformed"]
+    val_dir = tmp_path / "val_generations"
+    val_dir.mkdir()
+
+    def dump(step, rows):
+        with open(val_dir / f"{step}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    rows = [
+        {"output": response(problems[i], kinds[(i + 1) % 4]), "gts": problems[i].answer, "problem_index": i}
+        for i in (2, 0, 3, 1)
+    ]
+    dump(0, rows)
+    scores = mr.score_problems(str(val_dir), problems)
+    # problem i answered with class kinds[(i + 1) % 4]: misread, miscalculated, malformed, correct
+    assert scores["steps"] == {"0": {"acc": "0001", "class": "rmfc"}}
+    assert (scores["n"], scores["task"], scores["classes"]) == (4, "area_plus", "crmf")
+
+    dump(0, [rows[0] | {"gts": "999"}, *rows[1:]])
+    with pytest.raises(mr.MiniReproError, match=r"row 0: ground truth '999' but problem 2 .* has answer"):
+        mr.score_problems(str(val_dir), problems)
+    dump(0, [{k: v for k, v in rows[0].items() if k != "problem_index"}, *rows[1:]])
+    with pytest.raises(mr.MiniReproError, match="no problem_index"):
+        mr.score_problems(str(val_dir), problems)
+    dump(0, [*rows, rows[0]])
+    with pytest.raises(mr.MiniReproError, match="problem 2 answered twice"):
+        mr.score_problems(str(val_dir), problems)
+    dump(0, rows[:3])
+    with pytest.raises(mr.MiniReproError, match="1 of 4 problems not answered"):
+        mr.score_problems(str(val_dir), problems)
+
+
+def test_bootstrap_interval_brackets_a_known_difference_and_is_zero_for_identical_arms(mr):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    base = (rng.random((5, 256, 2)) < 0.4).astype(float)
+    better = np.where(rng.random((5, 256, 2)) < 0.2, 1.0, base)  # 20 % of the problems flipped to right
+    diff = better - base
+    mean, low, high = mr.bootstrap_mean(diff, n_resamples=2000)
+    assert mean == pytest.approx(diff.mean(axis=(0, 1)))
+    assert np.all(low < mean) and np.all(mean < high) and np.all(low > 0)
+    assert np.all(high - low < 0.1)
+    # a fixed RNG seed: the same interval twice
+    again = mr.bootstrap_mean(diff, n_resamples=2000)
+    assert np.array_equal(again[1], low) and np.array_equal(again[2], high)
+    mean, low, high = mr.bootstrap_mean(np.zeros((5, 256, 2)), n_resamples=500)
+    assert np.all(mean == 0) and np.all(low == 0) and np.all(high == 0)
+
+
+def test_area_under_curve_is_the_trapezoid_over_the_step_span(mr):
+    import numpy as np
+
+    acc = np.array([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])  # [step, problem] at steps 0, 10, 30
+    final, area = mr.curve_metrics([0, 10, 30], acc).T
+    assert final.tolist() == [1.0, 0.0]
+    assert area.tolist() == pytest.approx([(0.5 * 10 + 1.0 * 20) / 30, (1.0 * 10 + 0.5 * 20) / 30])
+
+
+def test_stored_fixture_is_what_the_code_writes(mr, tmp_path):
+    """The committed folder is ``write_fixture``'s output (only machine paths in run.json's overrides differ)."""
+    out = tmp_path / "grid"
+    write_fixture(mr, out)
+    if os.environ.get("MINI_REPRO_WRITE_FIXTURE"):
+        import shutil
+
+        shutil.rmtree(FIXTURE, ignore_errors=True)
+        mr.summarize(str(out), publish=str(FIXTURE), log=lambda line: None)
+    names = sorted(p.name for p in (out / "runs").iterdir())
+    assert names == sorted(p.name for p in (FIXTURE / "runs").iterdir())
+    for name in names:
+        for file in ("scores.json", "run.json"):
+            made = json.loads((out / "runs" / name / file).read_text())
+            stored = json.loads((FIXTURE / "runs" / name / file).read_text())
+            made.pop("overrides", None), stored.pop("overrides", None)
+            assert made == stored, (name, file)
+
+
+def test_summarize_rebuilds_the_paired_table_from_the_stored_compact_files(mr, tmp_path):
+    """``--summarize`` of a published folder (run.json + scores.json, no dumps): the paired ToR-GRPO - GRPO
+    differences are the per-(seed, problem) means, inside their interval, and the plots are drawn."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "published"
+    shutil.copytree(FIXTURE, folder)
+    for name in ("summary.json", "table.md", "accuracy.png", "error_classes.png"):
+        (folder / name).unlink()
+    summary = mr.summarize(str(folder), log=lambda line: None)
+    (paired,) = summary["per_problem"]["paired"]
+    assert (paired["arm"], paired["baseline"], paired["seeds"], paired["n_problems"]) == ("tor", "grpo", [1, 2], 8)
+    # by hand from the fixture's rule: at the last step (2) tor has 2 + 4 + seed%2 right, grpo 2 + 2 + seed%2
+    assert paired["final"]["mean"] == pytest.approx(2 / 8)
+    # area: steps 0,1,2 -> trapezoid / 2; the difference per step is 0, 1, 2 problems of 8
+    assert paired["area"]["mean"] == pytest.approx(((0 + 1) / 2 + (1 + 2) / 2) / 2 / 8)
+    for metric in ("final", "area"):
+        assert paired[metric]["low"] <= paired[metric]["mean"] <= paired[metric]["high"]
+    grpo = next(a for a in summary["per_problem"]["arms"] if a["arm"] == "grpo")
+    assert [p["step"] for p in grpo["accuracy"]] == [0, 1, 2]
+    assert grpo["accuracy"][0]["mean"] == pytest.approx(np.mean([(2 + 1) / 8, (2 + 0) / 8]))
+    shares = [grpo["classes"][k][0] for k in ("correct", "misread", "miscalculated", "malformed")]
+    assert sum(shares) == pytest.approx(1.0) and all(s > 0 for s in shares)
+    table = (folder / "table.md").read_text()
+    assert "| `tor` − `grpo` | 5e-05 | 2 x 8 | +0.250 [" in table
+    assert table == (FIXTURE / "table.md").read_text()  # the stored table is what the summariser makes
+    for name, arms in (("accuracy.png", ("grpo", "tor")), ("error_classes.png", ("grpo", "tor"))):
+        colours = set(Image.open(folder / name).convert("RGB").get_flattened_data())
+        assert all(mr.COLORS[a] in colours for a in arms), name
+    # --publish copies exactly the compact files
+    dest = tmp_path / "dest"
+    mr.summarize(str(folder), publish=str(dest), log=lambda line: None)
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    runs = sorted(
+        f"runs/{r}/{f}"
+        for r in ("grpo-seed1-lr5e-05", "grpo-seed2-lr5e-05", "tor-seed1-lr5e-05", "tor-seed2-lr5e-05")
+        for f in ("run.json", "scores.json")
+    )
+    assert files == sorted(["config.json", "summary.json", "table.md", "accuracy.png", "error_classes.png", *runs])
+
+
+def test_grid_is_seed_major_within_a_part(mr):
+    grid = mr.order_grid(["dapo", "tor", "grpo", "random"], [1, 2], [1e-4])
+    assert [(a, s) for a, s, _ in grid] == [
+        ("grpo", 1), ("tor", 1), ("grpo", 2), ("tor", 2),
+        ("random", 1), ("random", 2),
+        ("dapo", 1), ("dapo", 2),
+    ]  # fmt: skip
+
+
+def test_progress_line_has_the_eta_of_this_invocations_runs(mr):
+    progress = mr.Progress(total=5, jobs=2)
+    assert progress.finished("grpo-seed1-lr5e-05", 1.0, ran=False) == (
+        "[mini_repro] run 1/5 grpo-seed1-lr5e-05 kept (done before); ETA ?"
+    )
+    assert (
+        progress.finished("tor-seed1-lr5e-05", 600.0)
+        == "[mini_repro] run 2/5 tor-seed1-lr5e-05 done in 600 s; ETA 15 min"
+    )
+    assert progress.finished("grpo-seed2-lr5e-05", 1200.0).endswith("done in 1200 s; ETA 15 min")  # 900 s x 2 / 2
+    progress.finished("a", 1.0), progress.finished("b", 1.0)
+    assert progress.done == 5
+
+
+def test_a_resumed_grid_keeps_finished_runs_and_logs_progress(mr, tmp_path, monkeypatch):
+    """``main`` runs the part's arms seed-major, skips runs finished before, and logs a progress line per run."""
+    model = tmp_path / "reader"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    ran = []
+
+    def fake_run_one(out, config, arm, seed, lr, log):  # as run_one: a finished run is kept
+        run_dir = os.path.join(out, "runs", mr.experiment_name(arm, seed, lr))
+        if mr.is_finished(run_dir):
+            return {}
+        ran.append((arm, seed))
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "run.json"), "w") as f:
+            json.dump({"returncode": 0}, f)
+        return {}
+
+    monkeypatch.setattr(mr, "run_one", fake_run_one)
+    monkeypatch.setattr(mr, "summarize", lambda *a, **k: {})
+    lines = []
+    argv = ["--out", str(tmp_path / "grid"), "--model", str(model), "--part", "primary", "--seeds", "1", "2"]
+    argv += ["--val", "2", "--train", "240"]
+    assert mr.main(argv, log=lines.append) == 0
+    assert ran == [("grpo", 1), ("tor", 1), ("grpo", 2), ("tor", 2)]
+    assert [line.split(" done")[0] for line in lines if "run " in line] == [
+        f"[mini_repro] run {k}/4 {e}-lr5e-05"
+        for k, e in enumerate(["grpo-seed1", "tor-seed1", "grpo-seed2", "tor-seed2"], 1)
+    ]
+    config = json.loads((tmp_path / "grid" / "config.json").read_text())
+    assert (config["task"], config["model"], config["max_response_length"]) == ("area_plus", str(model), 64)
+    ran.clear(), lines.clear()
+    assert mr.main([*argv, "--seeds", "1", "2", "3"], log=lines.append) == 0
+    assert ran == [("grpo", 3), ("tor", 3)]
+    progress = [line for line in lines if line.startswith("[mini_repro] run ")]
+    assert sum("kept (done before)" in line for line in progress) == 4 and progress[-1].endswith("; ETA 0 min")
