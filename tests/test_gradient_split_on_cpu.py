@@ -63,6 +63,10 @@ def test_sets_are_disjoint_and_cover_the_valid_tokens(split):
     assert int(counts.max()) == 1  # no token in two sets
     assert torch.equal(counts.bool(), valid) and int(counts.sum()) == s.n_tokens  # every valid token in one
     assert sum(s.token_share.values()) == pytest.approx(1.0)
+    informative = valid & s.extra["_advantages"].ne(0)
+    for k in SETS:
+        assert s.informative_share[k] == pytest.approx(float((masks[k] & informative).sum() / informative.sum()))
+    assert sum(s.informative_share.values()) == pytest.approx(1.0)
     assert s.token_share["reasoning"] == pytest.approx(0.3, abs=1 / s.n_tokens + 1e-9)  # ceil(ρ_r·N) tokens
 
 

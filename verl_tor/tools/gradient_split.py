@@ -50,7 +50,11 @@ class GradientSplit:
     """One batch's gradient split. Shares are ``nan`` when ``||g|| = 0`` (every group's rewards equal)."""
 
     token_share: dict[str, float]
-    """|S| / N per set (N: valid response tokens)."""
+    """|S| / N per set (N: valid response tokens). A set of random tokens of this share would have, in
+    expectation, this projection share too: the baseline for ``projection_share``."""
+    informative_share: dict[str, float]
+    """|S ∩ {A ≠ 0}| / |{A ≠ 0}| per set: the set's share of the tokens that can move the gradient (the stage ranks
+    every valid token, ``tor.rank_tokens=all``, so part of each set sits in equal-reward groups)."""
     norm_share: dict[str, float]
     """||g_S|| / ||g|| per set."""
     projection_share: dict[str, float]
@@ -246,6 +250,8 @@ def measure_gradient_split(
     norm = norm2**0.5
     nan = float("nan")
     n_tokens = int(valid.sum())
+    informative = valid & advantages.ne(0)
+    n_informative = int(informative.sum())
     rewards_t = torch.tensor(list(rewards))
     groups = [rewards_t[i : i + len(responses[0])] for i in range(0, len(rows), len(responses[0]))]
     equal_rows = torch.cat([torch.full((len(grp),), bool((grp == grp[0]).all())) for grp in groups])
@@ -253,6 +259,9 @@ def measure_gradient_split(
     tor_norm = float(g_tor.norm())
     return GradientSplit(
         token_share={s: float(masks[s].sum()) / n_tokens for s in SETS},
+        informative_share={
+            s: float((masks[s] & informative).sum()) / n_informative if n_informative else nan for s in SETS
+        },
         norm_share={s: float(grads[s].norm()) / norm if norm else nan for s in SETS},
         projection_share={s: float(grads[s] @ g) / norm2 if norm else nan for s in SETS},
         tor_norm_ratio=tor_norm / norm if norm else nan,
@@ -314,13 +323,18 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
         return f"{s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
 
     lines = [
-        "| tokens | token share | \\|\\|g_S\\|\\| / \\|\\|g\\|\\| | <g_S, g> / \\|\\|g\\|\\|² |",
-        "| --- | --- | --- | --- |",
+        "| tokens | token share | of A ≠ 0 tokens | \\|\\|g_S\\|\\| / \\|\\|g\\|\\| | <g_S, g> / \\|\\|g\\|\\|² |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for s in SETS:
-        row = (cell(f"token_share/{s}"), cell(f"norm_share/{s}"), cell(f"projection_share/{s}"))
+        row = (
+            cell(f"token_share/{s}"),
+            cell(f"informative_share/{s}"),
+            cell(f"norm_share/{s}"),
+            cell(f"projection_share/{s}"),
+        )
         lines.append(f"| {SET_LABELS[s]} | " + " | ".join(row) + " |")
-    lines.append(f"| ToR (w = 1.0 / 0.5 / 0) | | {cell('tor_norm_ratio')} | cos(g_ToR, g) = {cell('tor_cos')} |")
+    lines.append(f"| ToR (w = 1.0 / 0.5 / 0) | | | {cell('tor_norm_ratio')} | cos(g_ToR, g) = {cell('tor_cos')} |")
     lines.append("")
     lines.append(
         f"zero-advantage tokens: {cell('zero_advantage_share')}; tokens in equal-reward groups: "
