@@ -122,7 +122,7 @@ def test_an_output_folder_keeps_its_settings(mr, tmp_path):
     assert {p.task for p in load_parquet_problems(str(tmp_path / "data" / "val.parquet"))} == {"area_plus"}
     mr.prepare_out(str(tmp_path), {**config, "arms": ["grpo"], "lrs": [1e-3]})  # more runs, same settings: fine
     assert json.loads((tmp_path / "config.json").read_text())["lrs"] == sorted({*mr.DEFAULTS["lrs"], 1e-3})
-    with pytest.raises(mr.MiniReproError, match="--steps was 30 there, now 20"):
+    with pytest.raises(mr.MiniReproError, match="--steps was 40 there, now 20"):
         mr.prepare_out(str(tmp_path), {**config, "steps": 20})
     with pytest.raises(mr.MiniReproError, match="--model was /m there, now /other"):
         mr.prepare_out(str(tmp_path), {**config, "model": "/other"})
@@ -130,7 +130,7 @@ def test_an_output_folder_keeps_its_settings(mr, tmp_path):
 
 def test_defaults_are_the_issue_20_grid(mr):
     assert mr.DEFAULTS["seeds"] == [1, 2, 3, 4, 5] and mr.DEFAULTS["task"] == "area_plus"
-    assert (mr.DEFAULTS["steps"], mr.DEFAULTS["test_freq"], mr.DEFAULTS["n_val"]) == (30, 10, 256)
+    assert (mr.DEFAULTS["steps"], mr.DEFAULTS["test_freq"], mr.DEFAULTS["n_val"]) == (40, 10, 256)
     assert (mr.DEFAULTS["n_train"], mr.DEFAULTS["prompts"], mr.DEFAULTS["responses"]) == (512, 8, 4)
     assert mr.DEFAULTS["arms"] == ["grpo", "tor", "reasoning_only", "perception_only", "random", "dapo", "dapo_tor"]
     assert "informative" in mr.ARMS and mr.ARMS["dapo"][0] == "dapo" and mr.ARMS["dapo_tor"][0] == "dapo_tor"

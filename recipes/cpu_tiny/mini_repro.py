@@ -103,7 +103,7 @@ DEFAULTS = {
     "arms": [a for part in PARTS.values() for a in part],
     "seeds": [1, 2, 3, 4, 5],
     "lrs": [5e-5],
-    "steps": 30,
+    "steps": 40,  # the protocol's pilot rule (recipes/RESULTS.md): GRPO flattens by step 40 at LR 5e-5
     "test_freq": 10,
     "n_val": 256,
     "n_train": 512,
