@@ -1,9 +1,12 @@
 """A tiny Qwen2.5-VL that reads its figure, and the synthetic visual-math task it reads.
 
 - ``task``: rectangles whose side lengths appear only in the figure; target responses in the
-  ``<think>…</think> \\boxed{}`` format with the ground truth of every figure-derived character;
+  ``<think>…</think> \\boxed{}`` format with the ground truth of every figure-derived character; two tasks
+  (``TASKS``): ``area`` (two sides, one product) and ``area_plus`` (three values read, a distractor, a product and a
+  sum: issue 20's reproduction), and ``classify_response`` (correct / misread / miscalculated / malformed);
 - ``data``: verl's RL parquet (``write_figure_parquet``), rewarded by verl's Geometry3K scorer;
-- ``model``: the figure reader's processor and config, ``FIGURE_READER_CHECKPOINT`` (shipped), ``load_figure_reader``;
+- ``model``: the figure reader's processor and config, ``FIGURE_READER_CHECKPOINT`` and
+  ``FIGURE_READER_PLUS_CHECKPOINT`` (shipped: the area and area_plus readers), ``load_figure_reader``;
 - ``sft``: the deterministic two-stage SFT that made the checkpoint (``python -m verl_tor.figures.sft``);
 - ``evaluate``: accuracy greedy / sampled, with and without the image (``python -m verl_tor.figures.evaluate``);
 
@@ -18,14 +21,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from verl_tor.figures.model import FIGURE_READER_CHECKPOINT
+from verl_tor.figures.model import FIGURE_READER_CHECKPOINT, FIGURE_READER_PLUS_CHECKPOINT
 from verl_tor.figures.task import (
     DATA_SOURCE,
+    ERROR_CLASSES,
     FIGURE_KINDS,
     KINDS,
+    TASKS,
     Problem,
     Span,
     build_target,
+    classify_response,
     label_response,
     make_problem,
     split_seeds,
@@ -46,12 +52,16 @@ _LAZY = {
 
 __all__ = [
     "DATA_SOURCE",
+    "ERROR_CLASSES",
     "FIGURE_KINDS",
     "FIGURE_READER_CHECKPOINT",
+    "FIGURE_READER_PLUS_CHECKPOINT",
     "KINDS",
+    "TASKS",
     "Problem",
     "Span",
     "build_target",
+    "classify_response",
     "label_response",
     "make_problem",
     "split_seeds",
