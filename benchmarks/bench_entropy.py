@@ -2,11 +2,12 @@
 
 "before" is today's implementation up to commit 3f33d2f, kept verbatim in ``_entropy_reference.py``; "after" is
 ``verl_tor.ops`` with its CPU default (the ``escalate`` method, chunk 256) and, for comparison, the ``bracket``
-method the GPU default uses. Each method runs in its own child process so its peak memory (ru_maxrss above the
-process's state right after the logits exist) is its own; times are medians of a few repeats. Ratios are against the
-full-vocab entropy, measured in the same run. Rows: ``zipf`` (Zipf-shaped scores with a random exponent in
-[0.8, 2.4] over a random vocabulary order: nuclei from tens of tokens to most of the vocabulary, float32) or issue
-19's bf16 mixtures ``llm`` / ``wide`` (``bench_gpu.make_logits``).
+method and the ``radix`` method (the default off CPU since issue 19's second round), both at the CPU chunk (256).
+Each method runs in its own child process so its peak memory (ru_maxrss above the process's state right after the
+logits exist) is its own; times are medians of a few repeats. Ratios are against the full-vocab entropy, measured in
+the same run. Rows: ``zipf`` (Zipf-shaped scores with a random exponent in [0.8, 2.4] over a random vocabulary order:
+nuclei from tens of tokens to most of the vocabulary, float32) or issue 19's bf16 mixtures ``llm`` / ``wide``
+(``bench_gpu.make_logits``).
 
     python benchmarks/bench_entropy.py [--tokens 4096] [--vocab 151936] [--repeats 3] [--rows zipf|llm|wide]
 """
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("full", "top_p_before", "top_p_after", "top_p_after_bracket", "top_p_naive")
+METHODS = ("full", "top_p_before", "top_p_after", "top_p_after_bracket", "top_p_after_radix", "top_p_naive")
 
 
 def naive_top_p_entropy(logits, top_p):
@@ -70,6 +71,7 @@ def child(method: str, tokens: int, vocab: int, repeats: int, top_p: float, kind
         "top_p_before": lambda: top_p_before(logits, top_p),
         "top_p_after": lambda: compute_top_p_entropy_from_logits(logits, top_p),
         "top_p_after_bracket": lambda: compute_top_p_entropy_from_logits(logits, top_p, method="bracket"),
+        "top_p_after_radix": lambda: compute_top_p_entropy_from_logits(logits, top_p, method="radix"),
         "top_p_naive": lambda: naive_top_p_entropy(logits, top_p),
     }[method]
     times = []
@@ -128,7 +130,8 @@ def main() -> None:
         print(
             "# top-p / full on CPU: before "
             + f"{ratio['top_p_before']:.2f}, after {ratio['top_p_after']:.2f}"
-            + (f" (bracket method {ratio['top_p_after_bracket']:.2f})" if "top_p_after_bracket" in ratio else "")
+            + (f"; bracket method {ratio['top_p_after_bracket']:.2f}" if "top_p_after_bracket" in ratio else "")
+            + (f"; radix method {ratio['top_p_after_radix']:.2f}" if "top_p_after_radix" in ratio else "")
         )
     reference = by.get("top_p_before")
     for name, r in by.items():
