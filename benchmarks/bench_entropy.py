@@ -2,13 +2,15 @@
 
 "before" is today's implementation up to commit 3f33d2f, kept verbatim in ``_entropy_reference.py``; "after" is
 ``verl_tor.ops`` with its CPU default (the ``escalate`` method, chunk 256) and, for comparison, the ``bracket``
-method the GPU default uses. Each method runs in its own child process so its peak memory (ru_maxrss above the
-process's state right after the logits exist) is its own; times are medians of a few repeats. Ratios are against the
-full-vocab entropy, measured in the same run. Rows: ``zipf`` (Zipf-shaped scores with a random exponent in
-[0.8, 2.4] over a random vocabulary order: nuclei from tens of tokens to most of the vocabulary, float32) or issue
-19's bf16 mixtures ``llm`` / ``wide`` (``bench_gpu.make_logits``).
+method and the ``radix`` method (the default off CPU since issue 19's second round), both at the CPU chunk (256).
+Each method runs in its own child process so its peak memory (ru_maxrss above the process's state right after the
+logits exist) is its own; times are medians of a few repeats. Ratios are against the full-vocab entropy, measured in
+the same run. Rows: ``zipf`` (Zipf-shaped scores with a random exponent in [0.8, 2.4] over a random vocabulary order:
+nuclei from tens of tokens to most of the vocabulary, float32) or issue 19's bf16 mixtures ``llm`` / ``wide``
+(``bench_gpu.make_logits``).
 
-    python benchmarks/bench_entropy.py [--tokens 4096] [--vocab 151936] [--repeats 3] [--rows zipf|llm|wide]
+    python benchmarks/bench_entropy.py [--tokens 4096] [--vocab 151936] [--repeats 3] [--rounds 1]
+        [--rows zipf|llm|wide] [--methods full,top_p_before,...]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("full", "top_p_before", "top_p_after", "top_p_after_bracket", "top_p_naive")
+METHODS = ("full", "top_p_before", "top_p_after", "top_p_after_bracket", "top_p_after_radix", "top_p_naive")
 
 
 def naive_top_p_entropy(logits, top_p):
@@ -70,6 +72,7 @@ def child(method: str, tokens: int, vocab: int, repeats: int, top_p: float, kind
         "top_p_before": lambda: top_p_before(logits, top_p),
         "top_p_after": lambda: compute_top_p_entropy_from_logits(logits, top_p),
         "top_p_after_bracket": lambda: compute_top_p_entropy_from_logits(logits, top_p, method="bracket"),
+        "top_p_after_radix": lambda: compute_top_p_entropy_from_logits(logits, top_p, method="radix"),
         "top_p_naive": lambda: naive_top_p_entropy(logits, top_p),
     }[method]
     times = []
@@ -96,6 +99,7 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--rows", choices=("zipf", "llm", "wide"), default="zipf")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (full is always run)")
+    parser.add_argument("--rounds", type=int, default=1, help="run every method this many times, round robin")
     parser.add_argument("--child", choices=METHODS)
     args = parser.parse_args()
     if args.child:
@@ -104,17 +108,27 @@ def main() -> None:
 
     import torch
 
+    methods = ["full", *(m for m in args.methods.split(",") if m in METHODS and m != "full")]
+    runs = {m: [] for m in methods}
+    # round robin: on a shared machine the load drifts between processes; every round runs every method once, and a
+    # method's time is its best round (each round's time is already the median of --repeats calls)
+    for _ in range(args.rounds):
+        for method in methods:
+            cmd = [sys.executable, __file__, "--child", method, "--tokens", str(args.tokens)]
+            cmd += ["--vocab", str(args.vocab), "--repeats", str(args.repeats), "--top-p", str(args.top_p)]
+            cmd += ["--rows", args.rows]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
+            runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = []
-    for method in ["full", *(m for m in args.methods.split(",") if m in METHODS and m != "full")]:
-        cmd = [sys.executable, __file__, "--child", method, "--tokens", str(args.tokens), "--vocab", str(args.vocab)]
-        cmd += ["--repeats", str(args.repeats), "--top-p", str(args.top_p), "--rows", args.rows]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for method in methods:
+        best = min(runs[method], key=lambda r: r["seconds"])
+        rows.append({**best, "extra_peak_gb": max(r["extra_peak_gb"] for r in runs[method])})
     full = rows[0]
     print(f"# entropy over {args.tokens} tokens x vocab {args.vocab}, rows {args.rows} ({full['logits_gb']:.2f} GB)")
     print(f"# cores={os.cpu_count()} torch={torch.__version__} threads={torch.get_num_threads()} top_p={args.top_p}")
     print(f"# load average before: {os.getloadavg()[0]:.1f}")
     print(f"# command: python benchmarks/bench_entropy.py {' '.join(sys.argv[1:])}")
+    print(f"# seconds: best of {args.rounds} round(s), each the median of {args.repeats} calls")
     print("| method | seconds | x full | extra peak (GB) | extra peak / logits |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
@@ -128,7 +142,8 @@ def main() -> None:
         print(
             "# top-p / full on CPU: before "
             + f"{ratio['top_p_before']:.2f}, after {ratio['top_p_after']:.2f}"
-            + (f" (bracket method {ratio['top_p_after_bracket']:.2f})" if "top_p_after_bracket" in ratio else "")
+            + (f"; bracket method {ratio['top_p_after_bracket']:.2f}" if "top_p_after_bracket" in ratio else "")
+            + (f"; radix method {ratio['top_p_after_radix']:.2f}" if "top_p_after_radix" in ratio else "")
         )
     reference = by.get("top_p_before")
     for name, r in by.items():

@@ -26,6 +26,7 @@ recorded in the JSON and the others still run):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -41,7 +42,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _entropy_reference, bench_entropy_exactness
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # verl_tor, from a checkout
 
+import verl_tor.ops.entropy as entropy_module  # noqa: E402
 from verl_tor.ops import compute_entropy_from_logits, compute_top_p_entropy_from_logits  # noqa: E402
+from verl_tor.ops.entropy import TOP_P_METHODS  # noqa: E402
 
 TOP_P = 0.95
 
@@ -235,37 +238,58 @@ def run_exactness(device, tiny: bool) -> dict:
 
     scale, vocab = (0.02, 2048) if tiny else (1.0, 151936)
     results = {}
-    for method in ("escalate", "bracket"):
+    # "radix" sorts its short rows below _RADIX_MIN_VOCAB (16,384): every set but the Zipf rows would test that
+    # fallback, so "radix, bins at every V" runs them all through the bit-pattern histograms.
+    for label in (*TOP_P_METHODS, "radix, bins at every V"):
+        method = label.split(",")[0]
 
         def on_device(logits, top_p, method=method, **kwargs):
             return compute_top_p_entropy_from_logits(logits.to(device), top_p, method=method, **kwargs).cpu()
 
         exact.compute_top_p_entropy_from_logits = on_device
-        ones, positive, _ = exact.one_token_rows(max(4, round(4000 * scale)))
-        rows, ties, wrong = exact.boundary_rows(max(4, round(3000 * scale)))
-        crows, moved = exact.continuous_rows(max(4, round(2000 * scale)))
-        zrows, worst = exact.zipf_rows(max(4, round(32 * scale)), vocab)
-        issue = on_device(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log(), 0.8).item()
-        results[method] = {
-            "one_token_rows": ones,
-            "one_token_rows_above_zero": positive,
-            "boundary_rows": rows,
-            "boundary_rows_with_a_tie": ties,
-            "boundary_rows_not_exact": wrong,
-            "continuous_rows": crows,
-            "continuous_rows_off_by_1e-4": moved,
-            "zipf_rows": zrows,
-            "zipf_largest_error": worst,
-            "issue_row_H": issue,
-        }
+        with _radix_bins_at_every_vocabulary(label.endswith("every V")):
+            results[label] = _run_exactness_sets(exact, on_device, scale, vocab)
     return results
+
+
+@contextlib.contextmanager
+def _radix_bins_at_every_vocabulary(on: bool = True):
+    """``"radix"`` through its histograms even below ``_RADIX_MIN_VOCAB``, where it would sort (tests, toy sizes)."""
+    saved = entropy_module._RADIX_MIN_VOCAB
+    entropy_module._RADIX_MIN_VOCAB = 0 if on else saved
+    try:
+        yield
+    finally:
+        entropy_module._RADIX_MIN_VOCAB = saved
+
+
+def _run_exactness_sets(exact, on_device, scale: float, vocab: int) -> dict:
+    """The exactness benchmark's row sets through ``on_device``: counts of rows off the definition."""
+    ones, positive, _ = exact.one_token_rows(max(4, round(4000 * scale)))
+    rows, ties, wrong = exact.boundary_rows(max(4, round(3000 * scale)))
+    crows, moved = exact.continuous_rows(max(4, round(2000 * scale)))
+    zrows, worst = exact.zipf_rows(max(4, round(32 * scale)), vocab)
+    issue = on_device(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log(), 0.8).item()
+    return {
+        "one_token_rows": ones,
+        "one_token_rows_above_zero": positive,
+        "boundary_rows": rows,
+        "boundary_rows_with_a_tie": ties,
+        "boundary_rows_not_exact": wrong,
+        "continuous_rows": crows,
+        "continuous_rows_off_by_1e-4": moved,
+        "zipf_rows": zrows,
+        "zipf_largest_error": worst,
+        "issue_row_H": issue,
+    }
 
 
 def run_entropy(device, tiny: bool, repeats: int) -> dict:
     tokens, vocab = (128, 2048) if tiny else (16384, 151936)
     out = {"tokens": tokens, "vocab": vocab, "top_p": TOP_P, "rows": []}
-    for kind in ("llm", "wide"):
-        out["rows"] += _measure_entropy_paths(kind, make_logits(kind, tokens, vocab, device), device, repeats)
+    with _radix_bins_at_every_vocabulary(tiny):  # at toy sizes too, "radix" runs the path it takes at V = 151,936
+        for kind in ("llm", "wide"):
+            out["rows"] += _measure_entropy_paths(kind, make_logits(kind, tokens, vocab, device), device, repeats)
     return out
 
 
@@ -277,6 +301,18 @@ def _measure_entropy_paths(kind: str, logits: torch.Tensor, device, repeats: int
     reach = (torch.topk(probs, min(256, vocab)).values.sum(-1) >= TOP_P).float().mean().item()
     del probs
     reference = before.compute_top_p_entropy_from_logits(logits, TOP_P, chunk_size=4096)
+    # the rows short of p after topk(256), alone: what each method's second phase costs per row
+    probs = torch.softmax(logits.float(), dim=-1)
+    short = (torch.topk(probs, min(256, vocab)).values.sum(-1) < TOP_P * probs.sum(-1)).nonzero().squeeze(1)
+    del probs
+    short_logits = logits[short]
+
+    def finish_short_rows(fn, rows_at_once):
+        def run():
+            parts = [fn(short_logits[i : i + rows_at_once]) for i in range(0, len(short), rows_at_once)]
+            return torch.cat(parts) if parts else reference[:0]
+
+        return run
 
     def after(chunk, method):
         return lambda: compute_top_p_entropy_from_logits(logits, TOP_P, chunk, method=method)
@@ -297,7 +333,14 @@ def _measure_entropy_paths(kind: str, logits: torch.Tensor, device, repeats: int
         "top-p after, bracket, chunk 2048": after(2048, "bracket"),
         "top-p after, bracket, chunk 4096": after(4096, "bracket"),
         "top-p after, escalate, chunk 256": after(256, "escalate"),
+        "top-p after, radix, chunk 1024": after(1024, "radix"),
+        "top-p after, radix, chunk 2048": after(2048, "radix"),
+        "top-p after, radix, chunk 4096": after(4096, "radix"),
         "naive full sort (2048 rows at a time)": lambda: chunked(naive_sort_top_p, logits, 2048),
+        f"short rows only ({len(short)}): radix finish, 256 at a time": finish_short_rows(
+            lambda x: entropy_module._finish_short_rows_radix(x, TOP_P), 256
+        ),
+        f"short rows only ({len(short)}): full sort, 256 at a time": finish_short_rows(naive_sort_top_p, 256),
     }
     rows, full_ms = [], None
     for name, fn in cases.items():
@@ -306,6 +349,10 @@ def _measure_entropy_paths(kind: str, logits: torch.Tensor, device, repeats: int
             row.update(measure(fn, device, repeats))
             if name.startswith("top-p after"):
                 row["max_abs_diff_vs_before"] = float((fn() - reference).abs().max())
+            if name.startswith("short rows only") and len(short):
+                row["us_per_short_row"] = row["ms"] * 1e3 / len(short)
+                if "radix" in name:
+                    row["max_abs_diff_vs_before"] = float((fn() - reference[short]).abs().max())
         except Exception as error:  # noqa: BLE001 - recorded, the other paths still run
             row["error"] = f"{type(error).__name__}: {error}"
         full_ms = row.get("ms") if full_ms is None else full_ms
@@ -467,7 +514,8 @@ def print_tables(report: dict) -> None:
             xf = f"{r['x_full']:.2f}" if r.get("x_full") else ""
             mem = f"{r['extra_peak_gib']:.2f}" if r.get("extra_peak_gib") is not None else "n/a"
             diff = f"{r['max_abs_diff_vs_before']:.1e}" if "max_abs_diff_vs_before" in r else ""
-            print(f"| {r['mixture']} | {r['path']} | {ms} | {xf} | {mem} | {diff} |")
+            per_row = f" ({r['us_per_short_row']:.1f} us a row)" if "us_per_short_row" in r else ""
+            print(f"| {r['mixture']} | {r['path']}{per_row} | {ms} | {xf} | {mem} | {diff} |")
     models = report["sections"].get("models", {})
     if "models" in models:
         print(

@@ -89,12 +89,14 @@ def test_bench_gpu_runs_every_section_at_tiny_size(tmp_path):
     report = json.loads(out.read_text())
     sections = report["sections"]
     assert "error" in sections["no_such_section"]  # recorded; the next section still ran
-    for method in ("escalate", "bracket"):
-        exact = sections["exactness"][method]
-        assert exact["one_token_rows_above_zero"] == 0 and exact["boundary_rows_not_exact"] == 0, exact
-        assert abs(exact["issue_row_H"] - 0.66156) < 1e-4, exact
+    assert sorted(sections["exactness"]) == sorted(["escalate", "bracket", "radix", "radix, bins at every V"])
+    for method, exact in sections["exactness"].items():
+        assert exact["one_token_rows_above_zero"] == 0 and exact["boundary_rows_not_exact"] == 0, (method, exact)
+        assert abs(exact["issue_row_H"] - 0.66156) < 1e-4, (method, exact)
     paths = sections["entropy"]["rows"]
-    assert len(paths) == 24 and all("ms" in r for r in paths), [r for r in paths if "ms" not in r]
+    assert len(paths) == 34 and all("ms" in r for r in paths), [r for r in paths if "ms" not in r]
+    radix = [r for r in paths if "radix" in r["path"]]
+    assert len(radix) == 8 and all(r["max_abs_diff_vs_before"] < 1e-5 for r in radix), radix
     assert all(r["max_abs_diff_vs_before"] < 1e-5 for r in paths if r["path"].startswith("top-p after"))
     for family in ("qwen2_5_vl", "qwen3_vl"):
         model = sections["models"]["models"][family]

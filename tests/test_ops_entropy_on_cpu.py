@@ -338,3 +338,170 @@ def test_method_and_chunk_size_by_device():
     assert DEFAULT_ACCELERATOR_TOP_P_CHUNK_SIZE == 2048
     with pytest.raises(ValueError, match="method='sort'.*Fix"):
         compute_top_p_entropy_from_logits(torch.zeros(1, 5), 0.9, method="sort")
+
+
+# ---------------------------------------------------------------------------------------------- the radix method
+# The default on accelerators since issue 19's second round (``method=None`` picks it off CPU). Below
+# ``_RADIX_MIN_VOCAB`` (16,384) it sorts its short rows; ``radix_bins`` lowers that to 0 so the bit-pattern histograms
+# run at test vocabularies (every check is also run once through the sort fallback).
+@pytest.fixture
+def radix_bins(monkeypatch):
+    monkeypatch.setattr(entropy_module, "_RADIX_MIN_VOCAB", 0)
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("levels", [(256, 4096, 32768), (2,), ()])  # top-k first, tiny top-k, every row through bins
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.999])
+def test_radix_matches_reference(monkeypatch, radix_bins, dtype, levels, top_p):
+    monkeypatch.setattr(entropy_module, "_TOP_P_CANDIDATES", levels)
+    logits = random_logits(40, 300, seed=6).to(dtype)
+    want = torch.tensor([reference_top_p_entropy(r, top_p) for r in logits.double().tolist()], dtype=torch.float64)
+    # at p = 0.999 one float32 row has the mass before its cut token within float32 rounding of the cut: the
+    # escalation (float32 softmax) drops that token (3e-4 off the float64 definition, as documented); radix decides
+    # it so too where the top-k pass finishes the row, and like float64 where its bins do. Either is the answer.
+    escalate = compute_top_p_entropy_from_logits(logits, top_p, method="escalate").double()
+    at_the_cut = (escalate - want).abs() > 1e-5
+    assert int(at_the_cut.sum()) <= 1
+    for chunk_size in (1, 7, 64):
+        got = compute_top_p_entropy_from_logits(logits, top_p, chunk_size=chunk_size, method="radix").double()
+        assert got.dtype == torch.float64 and got.shape == (40,)
+        torch.testing.assert_close(got[~at_the_cut], want[~at_the_cut], rtol=1e-5, atol=1e-5)
+        either = torch.minimum((got - want).abs(), (got - escalate).abs())
+        assert (either[at_the_cut] < 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_radix_sort_fallback_below_the_bins_vocabulary(monkeypatch, dtype):
+    monkeypatch.setattr(entropy_module, "_TOP_P_CANDIDATES", ())
+    logits = random_logits(20, 300, seed=10).to(dtype)  # 300 < _RADIX_MIN_VOCAB: sorted, the same values
+    want = torch.tensor([reference_top_p_entropy(r, 0.9) for r in logits.double().tolist()], dtype=torch.float64)
+    got = compute_top_p_entropy_from_logits(logits, 0.9, method="radix")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_radix_one_token_nucleus_is_exactly_zero(monkeypatch, radix_bins, dtype):
+    monkeypatch.setattr(entropy_module, "_TOP_P_CANDIDATES", ())  # every row through the bins
+    logits = dominant_token_logits(600, 500, seed=8).to(dtype)
+    probs = torch.softmax(logits.double(), dim=-1)
+    one_token = probs.max(dim=-1).values >= 0.95 * (1 + 1e-4)
+    several = probs.max(dim=-1).values < 0.95 * (1 - 1e-4)
+    h = compute_top_p_entropy_from_logits(logits, 0.95, chunk_size=64, method="radix")
+    assert int(one_token.sum()) > 100 and int(several.sum()) > 50
+    assert int((h[one_token] != 0).sum()) == 0 and (h[several] > 0).all()
+    assert not torch.signbit(h).any()  # +0.0, not -0.0
+    hand = torch.tensor([[math.log(0.02), math.log(0.97), math.log(0.01)], [0.0, 60.0, -5.0]]).to(dtype)
+    assert compute_top_p_entropy_from_logits(hand, 0.95, method="radix").tolist() == [0.0, 0.0]
+    assert compute_top_p_entropy_from_logits(hand, 1e-6, method="radix").tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 37.25, -80.0])  # exact in every dtype; the cut must not depend on it
+def test_radix_ties_at_the_threshold(monkeypatch, radix_bins, dtype, offset):
+    monkeypatch.setattr(entropy_module, "_TOP_P_CANDIDATES", ())
+    # n equal logits: at p = k/n the mass before token k+1 is exactly p -> keep k (H = ln k); 4x the tolerance
+    # above -> k+1. The tied tokens share one bin and are kept as a count.
+    for n in range(2, 13):
+        logits = torch.full((1, n + 3), -math.inf)
+        logits[0, :n] = offset
+        logits = logits[:, torch.randperm(n + 3, generator=torch.Generator().manual_seed(n))].to(dtype)
+        for k in range(1, n):
+            at = compute_top_p_entropy_from_logits(logits, k / n, method="radix")
+            above = compute_top_p_entropy_from_logits(logits, k / n * (1 + 4 * TOP_P_TOLERANCE), method="radix")
+            assert at.item() == pytest.approx(math.log(k), abs=1e-6), (n, k)
+            assert above.item() == pytest.approx(math.log(k + 1), abs=1e-6), (n, k)
+    # a tied block below the top, the cut inside it: 4 tokens at logit offset + 1 (weight e each) and 6 at offset
+    # (weight 1), exact in every dtype; at p = (4e + j) / (4e + 6) the mass before the (j+1)-th lower token is
+    # exactly p: keep j of them; 4x the tolerance above, j + 1
+    row = torch.tensor([[offset + 1.0] * 4 + [offset] * 6]).to(dtype)
+    for j in range(1, 6):
+        top_p = (4 * math.e + j) / (4 * math.e + 6)
+        for p, kept in ((top_p, j), (top_p * (1 + 4 * TOP_P_TOLERANCE), j + 1)):
+            z = 4 * math.e + kept
+            want = -4 * (math.e / z) * math.log(math.e / z) - kept * (1 / z) * math.log(1 / z)
+            assert reference_top_p_entropy(row.double()[0].tolist(), p) == pytest.approx(want, rel=1e-9)
+            assert compute_top_p_entropy_from_logits(row, p, method="radix").item() == pytest.approx(want, rel=1e-6)
+    # the issue's row: (0.5, 0.3, 0.15, 0.05) at p = 0.8 keeps two
+    issue = torch.tensor([[math.log(x) for x in (0.15, 0.5, 0.05, 0.3)]])
+    assert compute_top_p_entropy_from_logits(issue, 0.8, method="radix").item() == pytest.approx(0.661563, abs=1e-6)
+
+
+def test_radix_float32_second_pass_splits_the_cut_bin(radix_bins):
+    # float32 logits within 2^-7 of each other share their high 16 bits (one first-pass bin): the cut is then found
+    # among the low 16 bits. Values 1 + j 1e-5 (j < 600, with repeats) all lie in one or two high-half bins.
+    g = torch.Generator().manual_seed(11)
+    logits = 1.0 + 1e-5 * torch.randint(0, 600, (6, 2000), generator=g).float()
+    logits[:, :3] += torch.tensor([4.0, 3.0, 2.0])  # a few clear leaders above the crowd
+    for top_p in (0.2, 0.5, 0.9, 0.999):
+        got = compute_top_p_entropy_from_logits(logits, top_p, method="radix")
+        want = torch.tensor([reference_top_p_entropy(r, top_p) for r in logits.double().tolist()], dtype=torch.float64)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_radix_rows_needing_the_whole_vocabulary(radix_bins, dtype):
+    vocab = 3000
+    g = torch.Generator().manual_seed(12)
+    flat = torch.randn(3, vocab, generator=g) * 0.01  # nearly uniform: p = 0.999 keeps almost every token
+    equal = torch.zeros(2, vocab)  # exactly uniform: keep ceil(p V) tokens, ln of that count
+    logits = torch.cat([flat, equal]).to(dtype)
+    for top_p in (0.95, 0.999, 1 - 1e-9):
+        got = compute_top_p_entropy_from_logits(logits, top_p, method="radix")
+        want = [reference_top_p_entropy(r, top_p) for r in logits.double().tolist()]
+        torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+        assert got[3].item() == pytest.approx(math.log(min(vocab, math.ceil(top_p * (1 - TOP_P_TOLERANCE) * vocab))))
+    # p = 1: the full entropy, whatever the method
+    torch.testing.assert_close(
+        compute_top_p_entropy_from_logits(logits, 1.0, method="radix"), compute_entropy_from_logits(logits)
+    )
+
+
+def test_radix_on_a_large_vocabulary_against_the_escalation():
+    # the default _RADIX_MIN_VOCAB: 8 rows x 40,000 tokens go through the bins; bf16 (the GPU case) and float32
+    logits = random_logits(8, 40_000, seed=4)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = logits.to(dtype)
+        want = [reference_top_p_entropy(r, 0.95) for r in x.double().tolist()]
+        got = compute_top_p_entropy_from_logits(x, 0.95, method="radix")
+        torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+        escalate = compute_top_p_entropy_from_logits(x, 0.95, method="escalate")
+        torch.testing.assert_close(got, escalate, rtol=1e-5, atol=2e-6)
+
+
+def test_radix_makes_one_host_decision(monkeypatch, radix_bins):
+    """One ``nonzero`` over all rows, none per chunk of the top-k pass nor per block of short rows."""
+    from torch.overrides import TorchFunctionMode
+
+    class CountHostDecisions(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in ("nonzero", "item", "__bool__", "__int__", "__float__", "cpu", "tolist", "any", "all"):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(entropy_module, "_RADIX_CPU_ROWS", 4)  # short rows in many blocks
+    logits = random_logits(512, 400, seed=9)
+    entropy_module._radix_bins(torch.bfloat16, logits.device)  # the table is built once, outside the count
+    with CountHostDecisions() as mode:
+        out = compute_top_p_entropy_from_logits(logits, 0.95, chunk_size=16, method="radix")
+    want = torch.tensor([reference_top_p_entropy(r, 0.95) for r in logits.double().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    short = int((torch.softmax(logits, -1).topk(256).values.sum(-1) < 0.95).sum())
+    assert short > 8 and mode.count == 1, (short, mode.count)
+
+
+def test_default_method_by_device(monkeypatch):
+    calls = []
+    for name in ("_compute_top_p_entropy_radix", "_compute_top_p_entropy_bracketed"):
+        monkeypatch.setattr(entropy_module, name, lambda rows, *a, name=name: calls.append(name) or rows[:, 0].float())
+    logits = torch.zeros(2, 8, device="meta")  # a non-CPU device without a GPU: only the dispatch runs
+    compute_top_p_entropy_from_logits(logits, 0.9)
+    compute_top_p_entropy_from_logits(torch.zeros(2, 8), 0.9, method="bracket")
+    assert calls == ["_compute_top_p_entropy_radix", "_compute_top_p_entropy_bracketed"]

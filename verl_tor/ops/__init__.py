@@ -7,6 +7,7 @@ response tensors with ``response_mask``; shapes and units are in each docstring.
 from verl_tor.ops.entropy import (
     DEFAULT_ACCELERATOR_TOP_P_CHUNK_SIZE,
     DEFAULT_ENTROPY_CHUNK_SIZE,
+    TOP_P_METHODS,
     compute_entropy_from_logits,
     compute_top_p_entropy_from_logits,
     default_top_p_chunk_size,
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_ACCELERATOR_TOP_P_CHUNK_SIZE",
     "DEFAULT_ENTROPY_CHUNK_SIZE",
     "SENSITIVITY_FNS",
+    "TOP_P_METHODS",
     "ToRSelection",
     "build_segments",
     "compute_entropy_from_logits",
