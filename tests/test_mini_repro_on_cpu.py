@@ -478,7 +478,7 @@ def test_a_resumed_grid_keeps_finished_runs_and_logs_progress(mr, tmp_path, monk
     monkeypatch.setattr(mr, "summarize", lambda *a, **k: {})
     lines = []
     argv = ["--out", str(tmp_path / "grid"), "--model", str(model), "--part", "primary", "--seeds", "1", "2"]
-    argv += ["--val", "2", "--train", "240"]
+    argv += ["--val", "2", "--train", "320"]
     assert mr.main(argv, log=lines.append) == 0
     assert ran == [("grpo", 1), ("tor", 1), ("grpo", 2), ("tor", 2)]
     assert [line.split(" done")[0] for line in lines if "run " in line] == [
