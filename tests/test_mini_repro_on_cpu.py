@@ -492,3 +492,32 @@ def test_a_resumed_grid_keeps_finished_runs_and_logs_progress(mr, tmp_path, monk
     assert ran == [("grpo", 3), ("tor", 3)]
     progress = [line for line in lines if line.startswith("[mini_repro] run ")]
     assert sum("kept (done before)" in line for line in progress) == 4 and progress[-1].endswith("; ETA 0 min")
+
+
+def test_published_area_plus_results_rebuild_from_their_stored_logs(mr, tmp_path):
+    """recipes/RESULTS.md's issue-20 table and plots: ``--summarize`` of the published folder (the grid's compact
+    per-run logs, no dumps) rebuilds exactly the stored table and the paired differences of the stored summary, and
+    every stored run is the protocol's (area_plus, LR 5e-5, 40 steps, validation every 10 on 256 problems)."""
+    import shutil
+
+    published = ROOT / "recipes" / "cpu_tiny" / "results" / "area_plus"
+    config = json.loads((published / "config.json").read_text())
+    protocol = {"task": "area_plus", "steps": 40, "test_freq": 10, "n_val": 256, "n_train": 512, "prompts": 8}
+    assert {k: config[k] for k in protocol} == protocol and config["lrs"] == [5e-5]
+    runs = sorted(p.name for p in (published / "runs").iterdir())
+    assert {f"{arm}-seed{seed}-lr5e-05" for arm in ("grpo", "tor") for seed in range(1, 6)} <= set(runs)
+    for run in runs:
+        scores = json.loads((published / "runs" / run / "scores.json").read_text())
+        assert json.loads((published / "runs" / run / "run.json").read_text())["returncode"] == 0
+        assert len(json.dumps(scores)) > 256, run  # per-problem records, not an aggregate
+    folder = tmp_path / "copy"
+    shutil.copytree(published, folder)
+    for name in ("summary.json", "table.md", "accuracy.png", "error_classes.png"):
+        (folder / name).unlink()
+    summary = mr.summarize(str(folder), log=lambda line: None)
+    assert (folder / "table.md").read_text() == (published / "table.md").read_text()
+    stored = json.loads((published / "summary.json").read_text())
+    assert json.loads(json.dumps(summary["per_problem"]["paired"])) == stored["per_problem"]["paired"]
+    primary = next(p for p in summary["per_problem"]["paired"] if (p["arm"], p["baseline"]) == ("tor", "grpo"))
+    assert primary["seeds"] == [1, 2, 3, 4, 5] and primary["n_problems"] == 256
+    assert primary["final"]["low"] <= primary["final"]["mean"] <= primary["final"]["high"]
