@@ -263,15 +263,9 @@ class Problem:
 
 
 def build_target(width: int, height: int) -> tuple[str, list[Span]]:
-    """The target response for sides ``width`` × ``height`` and its spans (``KINDS``, template omitted)."""
-    values = {"{w}": str(width), "{h}": str(height), "{area}": str(width * height)}
-    text, spans = "", []
-    for piece, kind in _FORMAT:
-        piece = values.get(piece, piece)
-        if kind != "template":
-            spans.append(Span(len(text), len(text) + len(piece), kind))
-        text += piece
-    return text, spans
+    """The target response for sides ``width`` × ``height`` and its spans (``KINDS``, template omitted): the
+    ``area`` task's ``build_task_target``."""
+    return build_task_target("area", width, height)
 
 
 def label_response(text: str, end_token: str = "<|im_end|>", task: str = "area") -> tuple[list[str], bool]:
