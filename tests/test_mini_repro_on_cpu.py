@@ -390,6 +390,44 @@ def test_stored_fixture_is_what_the_code_writes(mr, tmp_path):
             assert made == stored, (name, file)
 
 
+def test_summarizer_pairs_are_the_protocols_comparisons(mr):
+    """The paired rows are issue 20's comparisons (ToR-GRPO against GRPO, each single set and random; ToR-DAPO
+    against DAPO), not every arm against GRPO; a pair missing an arm, or run at another LR, is left out."""
+
+    def scores(right_at_last: int, n: int = 4) -> dict:  # step 0: nobody right; step 10: the first `right_at_last`
+        return {
+            "steps": {
+                "0": {"acc": "0" * n, "class": "m" * n},
+                "10": {
+                    "acc": "1" * right_at_last + "0" * (n - right_at_last),
+                    "class": "c" * right_at_last + "r" * (n - right_at_last),
+                },
+            }
+        }
+
+    right = {"grpo": 1, "tor": 3, "reasoning_only": 2, "perception_only": 4, "dapo": 0, "dapo_tor": 1}
+    records, stored = [], {}
+    for arm, k in right.items():
+        for seed in (1, 2):
+            records.append({"arm": arm, "seed": seed, "lr": 5e-5})
+            stored[mr.experiment_name(arm, seed, 5e-5)] = scores(k)
+    records.append({"arm": "random", "seed": 1, "lr": 1e-4})  # another LR: no pair with tor at 5e-5
+    stored[mr.experiment_name("random", 1, 1e-4)] = scores(2)
+    paired = mr.summarize_scores(records, stored)["paired"]
+    assert [(p["arm"], p["baseline"]) for p in paired] == [
+        ("tor", "grpo"),
+        ("tor", "reasoning_only"),
+        ("tor", "perception_only"),
+        ("dapo_tor", "dapo"),
+    ]
+    want = {("tor", "grpo"): 2 / 4, ("tor", "reasoning_only"): 1 / 4, ("tor", "perception_only"): -1 / 4}
+    want[("dapo_tor", "dapo")] = 1 / 4
+    for p in paired:
+        assert p["final"]["mean"] == pytest.approx(want[(p["arm"], p["baseline"])])
+        assert p["area"]["mean"] == pytest.approx(want[(p["arm"], p["baseline"])] / 2)  # the trapezoid from 0
+        assert p["seeds"] == [1, 2] and p["n_problems"] == 4
+
+
 def test_summarize_rebuilds_the_paired_table_from_the_stored_compact_files(mr, tmp_path):
     """``--summarize`` of a published folder (run.json + scores.json, no dumps): the paired ToR-GRPO - GRPO
     differences are the per-(seed, problem) means, inside their interval, and the plots are drawn."""

@@ -88,8 +88,18 @@ PARTS: dict[str, tuple[str, ...]] = {
 """``--part``: the grid in parts that each fit a sitting (``all``: the three in this order; ``informative`` is in
 none: run it with ``--arms informative``)."""
 
-BASELINES = {"dapo_tor": "dapo"}
-"""arm -> the arm it is compared with, paired by seed and problem (every other arm: ``grpo``)."""
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("tor", "grpo"),
+    ("tor", "reasoning_only"),
+    ("tor", "perception_only"),
+    ("tor", "random"),
+    ("dapo_tor", "dapo"),
+    ("informative", "tor"),
+)
+"""(arm, baseline) pairs compared paired by seed and problem, in the order of issue 20's protocol: ToR-GRPO − GRPO
+(primary), ToR-GRPO against each single set and against random tokens (the paper's ablation claim needs ToR-GRPO
+above both single sets), ToR-DAPO − DAPO; then ``informative`` (in no part) against the ToR it modifies. A pair is
+reported once both arms have a run at the same LR on a common seed."""
 
 PILOT_ARMS = ("grpo",)
 PILOT_LRS = (5e-5, 1e-4)
@@ -553,8 +563,8 @@ def summarize_scores(records: Sequence[dict], scores: dict[str, dict]) -> dict:
     """The per-problem analysis of the runs that have a ``scores.json`` (``scores``: experiment name -> its content).
 
     Returns ``{"arms": [...], "paired": [...]}``: per (arm, LR) the accuracy curve with a bootstrap band and the
-    error-class shares per validation step (means over seeds x problems); per arm against its baseline
-    (``BASELINES``, else ``grpo``), on the seeds both ran, the paired differences in final accuracy and area under
+    error-class shares per validation step (means over seeds x problems); per pair of ``COMPARISONS`` whose arms
+    both ran (at one LR), on the seeds both ran, the paired differences in final accuracy and area under
     the curve with their 95 % bootstrap interval.
     """
     import numpy as np
@@ -593,9 +603,8 @@ def summarize_scores(records: Sequence[dict], scores: dict[str, dict]) -> dict:
                 },
             }
         )
-    for arm, lr in order:
-        base = BASELINES.get(arm, "grpo")
-        if arm == base or (base, lr) not in groups:
+    for (arm, base), lr in ((pair, lr) for pair in COMPARISONS for lr in sorted({lr for _, lr in order})):
+        if (arm, lr) not in groups or (base, lr) not in groups:
             continue
         runs, base_runs = groups[(arm, lr)], groups[(base, lr)]
         seeds = sorted(set(runs) & set(base_runs))
