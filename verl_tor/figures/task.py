@@ -175,20 +175,29 @@ def build_task_target(task: str, width: int, height: int, inside: int = 0) -> tu
 
 def parse_response(text: str, task: str = "area", end_token: str = "<|im_end|>") -> list[tuple[str, int]] | None:
     """The number slots of a response that follows ``task``'s format, in order: ``[(slot, value), ...]``; None when
-    the format is not followed (the same reading as ``label_response``)."""
-    pos, found = 0, []
-    for piece, _kind in task_format(task):
+    the format is not followed (the same reading as ``label_response``: ``_walk_format``)."""
+    pieces, pos, complete = _walk_format(text, task)
+    if not complete or text[pos:] not in ("", end_token):
+        return None
+    return [(piece, int(text[start:end])) for piece, _kind, start, end in pieces if piece.startswith("{")]
+
+
+def _walk_format(text: str, task: str) -> tuple[list[tuple[str, str, int, int]], int, bool]:
+    """Read ``text`` against ``task``'s answer format piece by piece: number slots match any digits, literals match
+    exactly. Returns the pieces matched, in order, as (piece, kind, start, end); the position after the last one;
+    whether every piece matched (the walk stops at the first that does not)."""
+    pos, pieces = 0, []
+    for piece, kind in task_format(task):
         if piece.startswith("{"):
             match = _NUMBER.match(text, pos)
-            if not match:
-                return None
-            found.append((piece, int(match.group())))
-            pos = match.end()
-        elif text.startswith(piece, pos):
-            pos += len(piece)
+            end = match.end() if match else -1
         else:
-            return None
-    return found if text[pos:] in ("", end_token) else None
+            end = pos + len(piece) if text.startswith(piece, pos) else -1
+        if end < 0:
+            return pieces, pos, False
+        pieces.append((piece, kind, pos, end))
+        pos = end
+    return pieces, pos, True
 
 
 def classify_response(text: str, problem: Problem, correct: bool) -> str:
@@ -278,19 +287,9 @@ def label_response(text: str, end_token: str = "<|im_end|>", task: str = "area")
     Returns:
         (one kind per character of ``text``, whether the whole format was found).
     """
-    kinds: list[str] = []
-    pos = 0
-    for piece, kind in task_format(task):
-        if piece.startswith("{"):
-            match = _NUMBER.match(text, pos)
-            end = match.end() if match else -1
-        else:
-            end = pos + len(piece) if text.startswith(piece, pos) else -1
-        if end < 0:
-            return kinds + ["unparsed"] * (len(text) - pos), False
-        kinds += [kind] * (end - pos)
-        pos = end
-    if text[pos:] in ("", end_token):
+    pieces, pos, complete = _walk_format(text, task)
+    kinds = [kind for _piece, kind, start, end in pieces for _ in range(end - start)]
+    if complete and text[pos:] in ("", end_token):
         return kinds + ["template"] * (len(text) - pos), True
     return kinds + ["unparsed"] * (len(text) - pos), False
 
