@@ -33,8 +33,9 @@ response is then graded with verl's ``geo3k.acc_reward`` against its own problem
 (``verl_tor.figures.task.classify_response``) into ``scores.json``. verl's logged ``val-core/.../acc`` is the reward
 0.9·acc + 0.1·format, which the dump's ``score`` is checked against.
 
-The summary: per arm and validation step the accuracy (with a 95 % bootstrap band) and the error-class shares; per arm
-the paired difference to GRPO (ToR-DAPO: to DAPO) on the same seeds and problems, in final greedy accuracy and area
+The summary: per arm and validation step the accuracy (with a 95 % bootstrap band) and the error-class shares; per pair
+of ``COMPARISONS`` (issue 20's protocol: ToR-GRPO against GRPO, each single set and random; ToR-DAPO against DAPO)
+the paired difference on the same seeds and problems, in final greedy accuracy and area
 under the accuracy curve (trapezoid over the validation steps / their span), mean over seeds with a 95 % bootstrap
 interval (10,000 resamples of seeds, then problems within them, fixed RNG seed).
 
