@@ -51,6 +51,7 @@ The plots are drawn with PIL (already a dependency; no plotting extra to install
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -604,7 +605,7 @@ def summarize_scores(records: Sequence[dict], scores: dict[str, dict]) -> dict:
                 },
             }
         )
-    for (arm, base), lr in ((pair, lr) for pair in COMPARISONS for lr in sorted({lr for _, lr in order})):
+    for (arm, base), lr in itertools.product(COMPARISONS, sorted({lr for _, lr in groups})):
         if (arm, lr) not in groups or (base, lr) not in groups:
             continue
         runs, base_runs = groups[(arm, lr)], groups[(base, lr)]

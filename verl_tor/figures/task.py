@@ -176,16 +176,17 @@ def build_task_target(task: str, width: int, height: int, inside: int = 0) -> tu
 def parse_response(text: str, task: str = "area", end_token: str = "<|im_end|>") -> list[tuple[str, int]] | None:
     """The number slots of a response that follows ``task``'s format, in order: ``[(slot, value), ...]``; None when
     the format is not followed (the same reading as ``label_response``: ``_walk_format``)."""
-    pieces, pos, complete = _walk_format(text, task)
-    if not complete or text[pos:] not in ("", end_token):
+    pieces, _pos, followed = _walk_format(text, task, end_token)
+    if not followed:
         return None
     return [(piece, int(text[start:end])) for piece, _kind, start, end in pieces if piece.startswith("{")]
 
 
-def _walk_format(text: str, task: str) -> tuple[list[tuple[str, str, int, int]], int, bool]:
+def _walk_format(text: str, task: str, end_token: str) -> tuple[list[tuple[str, str, int, int]], int, bool]:
     """Read ``text`` against ``task``'s answer format piece by piece: number slots match any digits, literals match
     exactly. Returns the pieces matched, in order, as (piece, kind, start, end); the position after the last one;
-    whether every piece matched (the walk stops at the first that does not)."""
+    whether the format was followed (every piece matched, then nothing or ``end_token``). The walk stops at the
+    first piece that does not match."""
     pos, pieces = 0, []
     for piece, kind in task_format(task):
         if piece.startswith("{"):
@@ -197,7 +198,7 @@ def _walk_format(text: str, task: str) -> tuple[list[tuple[str, str, int, int]],
             return pieces, pos, False
         pieces.append((piece, kind, pos, end))
         pos = end
-    return pieces, pos, True
+    return pieces, pos, text[pos:] in ("", end_token)
 
 
 def classify_response(text: str, problem: Problem, correct: bool) -> str:
@@ -287,9 +288,9 @@ def label_response(text: str, end_token: str = "<|im_end|>", task: str = "area")
     Returns:
         (one kind per character of ``text``, whether the whole format was found).
     """
-    pieces, pos, complete = _walk_format(text, task)
+    pieces, pos, followed = _walk_format(text, task, end_token)
     kinds = [kind for _piece, kind, start, end in pieces for _ in range(end - start)]
-    if complete and text[pos:] in ("", end_token):
+    if followed:
         return kinds + ["template"] * (len(text) - pos), True
     return kinds + ["unparsed"] * (len(text) - pos), False
 
